@@ -1,0 +1,47 @@
+"""sessionforge: an async-first session factory for SQLAlchemy 2.1, with a sync twin.
+
+Importing sessionforge imports SQLAlchemy and nothing of FastAPI, Starlette or pytest.
+"""
+
+from __future__ import annotations
+
+from . import _sqla as _sqla  # registers event routing for factories
+from . import errors as errors
+from .config import DEFAULT_URL as DEFAULT_URL
+from .config import FactoryConfig as FactoryConfig
+from .config import FactoryOptions as FactoryOptions
+from .core import FactoryStatus as FactoryStatus
+from .engines import EngineStatus as EngineStatus
+from .errors import ConcurrentSessionUseError as ConcurrentSessionUseError
+from .errors import ConfigurationError as ConfigurationError
+from .errors import DatabaseUnavailableError as DatabaseUnavailableError
+from .errors import NoCurrentSessionError as NoCurrentSessionError
+from .errors import RetryExhaustedError as RetryExhaustedError
+from .errors import SessionForgeError as SessionForgeError
+from .errors import TransactionTimeoutError as TransactionTimeoutError
+from .factory import AsyncBeginContext as AsyncBeginContext
+from .factory import SessionFactory as SessionFactory
+from .sync import SyncBeginContext as SyncBeginContext
+from .sync import SyncSessionFactory as SyncSessionFactory
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncBeginContext",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "EngineStatus",
+    "FactoryConfig",
+    "FactoryOptions",
+    "FactoryStatus",
+    "NoCurrentSessionError",
+    "RetryExhaustedError",
+    "SessionFactory",
+    "SessionForgeError",
+    "SyncBeginContext",
+    "SyncSessionFactory",
+    "TransactionTimeoutError",
+    "errors",
+]

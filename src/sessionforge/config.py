@@ -1,0 +1,544 @@
+"""``FactoryConfig``: the immutable configuration both twins are built from.
+
+A config holds the database URL and the closed list of options of DESIGN.md §2, each
+validated when the config is made, so a typo or a wrong type fails at construction even
+though engines are built lazily. ``replace()`` returns a validated copy; the factories'
+``configure()`` swaps such a copy into their shared core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypedDict, Unpack
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from . import dialects
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_URL", "FactoryConfig", "FactoryOptions", "SyncFactoryOptions", "mask_url"]
+
+#: The embedded default: a SQLite file in the working directory.
+DEFAULT_URL: Final = "sqlite+aiosqlite:///sessionforge.db"
+DEFAULT_PING_AFTER: Final = 1.0
+
+_SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
+_RAW_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+
+
+class _CommonOptions(TypedDict, total=False):
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    pool_recycle: int
+    pool_use_lifo: bool
+    echo: bool | Literal["debug"]
+    isolation_level: str | None
+    connect_args: Mapping[str, Any]
+    sync_connect_args: Mapping[str, Any]
+    engine_options: Mapping[str, Any]
+    autoflush: bool
+    expire_on_commit: bool
+    info: Mapping[Any, Any] | None
+    session_options: Mapping[str, Any]
+    ping_after: float | None
+    pgbouncer: bool
+    application_name: str | None
+    sqlite_journal_mode: str | None
+    sqlite_synchronous: str | None
+    sqlite_busy_timeout: float
+    sqlite_foreign_keys: bool | None
+    sqlite_begin: Literal["immediate", "deferred"]
+
+
+class FactoryOptions(_CommonOptions, total=False):
+    """The options ``SessionFactory(url, **options)`` accepts, besides ``class_``."""
+
+    sync_class_: type[Session] | None
+
+
+class SyncFactoryOptions(_CommonOptions, total=False):
+    """The options ``SyncSessionFactory(url, **options)`` accepts, besides ``sync_class_``."""
+
+    class_: type[AsyncSession]
+
+
+ENGINE_OPTIONS: Final = frozenset(
+    {
+        "pool_size",
+        "max_overflow",
+        "pool_timeout",
+        "pool_recycle",
+        "pool_use_lifo",
+        "echo",
+        "isolation_level",
+        "connect_args",
+        "engine_options",
+    }
+)
+PRESET_OPTIONS: Final = frozenset(
+    {
+        "ping_after",
+        "pgbouncer",
+        "application_name",
+        "sqlite_journal_mode",
+        "sqlite_synchronous",
+        "sqlite_busy_timeout",
+        "sqlite_foreign_keys",
+        "sqlite_begin",
+    }
+)
+SESSION_LEVEL_OPTIONS: Final = frozenset(
+    {
+        "autoflush",
+        "expire_on_commit",
+        "info",
+        "class_",
+        "sync_class_",
+        "session_options",
+        "sync_connect_args",
+    }
+)
+# Session keyword arguments the factory sets itself and users may not pass.
+_FACTORY_OWNED: Final = frozenset({"bind", "binds", "sync_session_class", "class_", "sync_class_"})
+
+
+def mask_url(url: URL | str) -> str:
+    """Render ``url`` with its password replaced by ``***``."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    return _RAW_PASSWORD.sub(r"\1***@", url)
+
+
+def mask_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy ``values`` with anything that looks like a secret replaced by ``***``."""
+    return {
+        k: "***" if isinstance(k, str) and _SECRET_KEY.search(k) else v for k, v in values.items()
+    }
+
+
+def parse_url(raw: str | URL) -> URL:
+    """Parse and normalise a database URL (DESIGN.md §2, async URL rules).
+
+    A URL without a driver gets the dialect's async default (``postgresql://`` →
+    asyncpg, ``sqlite://`` → aiosqlite); ``postgres://`` is read as ``postgresql://``;
+    an in-memory SQLite URL gets a shared name. Explicit drivers are kept as given.
+    """
+    if isinstance(raw, URL):
+        url = raw
+    elif isinstance(raw, str):
+        try:
+            url = make_url(raw.strip())
+        except (ArgumentError, ValueError) as exc:
+            raise ConfigurationError(
+                f"could not parse the database URL {mask_url(raw)!r}: expected "
+                "dialect[+driver]://user:password@host:port/database, for example "
+                "'postgresql://app@localhost/app' or 'sqlite:///app.db'"
+            ) from exc
+    else:
+        raise ConfigurationError(
+            f"the database URL must be a string or a sqlalchemy URL, got {type(raw).__name__}"
+        )
+    dialect_name, _, driver = url.drivername.partition("+")
+    dialect_name = dialects.canonical_dialect(dialect_name)
+    if not driver:
+        driver = dialects.default_async_driver(dialect_name) or ""
+    url = url.set(drivername=f"{dialect_name}+{driver}" if driver else dialect_name)
+    try:
+        url.get_dialect()
+    except NoSuchModuleError as exc:
+        raise ConfigurationError(_unknown_driver_message(url)) from exc
+    if dialects.is_sqlite(url):
+        url = dialects.normalise_memory_sqlite(url)
+    return url
+
+
+def _unknown_driver_message(url: URL) -> str:
+    dialect_name, _, driver = url.drivername.partition("+")
+    known = sorted(
+        info.driver for info in dialects.known_drivers() if info.dialect == dialect_name
+    )
+    if not known:
+        return (
+            f"unknown database dialect {dialect_name!r} in {mask_url(url)!r}; "
+            "use postgresql, sqlite or mysql (with an optional +driver)"
+        )
+    return (
+        f"unknown driver {driver!r} for {dialect_name} in {mask_url(url)!r}; "
+        f"known drivers: {', '.join(known)}"
+    )
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if type(value) is not bool:
+        raise _ill_typed(name, value, "True or False")
+
+
+def _check_optional_bool(name: str, value: Any) -> None:
+    if value is not None:
+        _check_bool(name, value)
+
+
+def _check_int(minimum: int) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if type(value) is not int or value < minimum:
+            raise _ill_typed(name, value, f"an int >= {minimum}")
+
+    return check
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _ill_typed(name, value, "a number of seconds >= 0")
+
+
+def _check_mapping(name: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise _ill_typed(name, value, "a dict")
+
+
+def _check_optional_mapping(name: str, value: Any) -> None:
+    if value is not None:
+        _check_mapping(name, value)
+
+
+def _check_optional_str(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _ill_typed(name, value, "a string or None")
+
+
+def _check_echo(name: str, value: Any) -> None:
+    if type(value) is not bool and value != "debug":
+        raise _ill_typed(name, value, "True, False or 'debug'")
+
+
+def _check_class(base: type) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value is None and base is Session:
+            return
+        if not (isinstance(value, type) and issubclass(value, base)):
+            raise _ill_typed(name, value, f"a subclass of {base.__module__}.{base.__name__}")
+
+    return check
+
+
+def _check_choice(choices: frozenset[str], *, optional: bool) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or value.upper() not in {c.upper() for c in choices}:
+            raise _ill_typed(name, value, "one of " + ", ".join(sorted(choices)))
+
+    return check
+
+
+def _ill_typed(name: str, value: Any, expected: str) -> ConfigurationError:
+    shown = "***" if _SECRET_KEY.search(name) else repr(value)
+    return ConfigurationError(
+        f"option {name}={shown} ({type(value).__name__}) is invalid: expected {expected}"
+    )
+
+
+_CHECKS: Final[Mapping[str, Callable[[str, Any], None]]] = {
+    "pool_size": _check_int(0),
+    "max_overflow": _check_int(-1),
+    "pool_timeout": _check_seconds,
+    "pool_recycle": _check_int(-1),
+    "pool_use_lifo": _check_bool,
+    "echo": _check_echo,
+    "isolation_level": _check_optional_str,
+    "connect_args": _check_mapping,
+    "sync_connect_args": _check_mapping,
+    "engine_options": _check_mapping,
+    "autoflush": _check_bool,
+    "expire_on_commit": _check_bool,
+    "info": _check_optional_mapping,
+    "class_": _check_class(AsyncSession),
+    "sync_class_": _check_class(Session),
+    "session_options": _check_mapping,
+    "ping_after": _check_seconds,
+    "pgbouncer": _check_bool,
+    "application_name": _check_optional_str,
+    "sqlite_journal_mode": _check_choice(dialects.SQLITE_JOURNAL_MODES, optional=True),
+    "sqlite_synchronous": _check_choice(dialects.SQLITE_SYNCHRONOUS, optional=True),
+    "sqlite_busy_timeout": _check_seconds,
+    "sqlite_foreign_keys": _check_optional_bool,
+    "sqlite_begin": _check_choice(dialects.SQLITE_BEGIN_MODES, optional=False),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=True)
+class FactoryConfig:
+    """Immutable configuration shared by ``SessionFactory`` and ``SyncSessionFactory``.
+
+    Example::
+
+        config = FactoryConfig.from_url("postgresql://app@db/app", pool_size=10)
+        db = SessionFactory(config)
+        tuned = config.replace(expire_on_commit=True)
+    """
+
+    url: URL
+    # engine
+    pool_size: int | None = None
+    max_overflow: int | None = None
+    pool_timeout: float | None = None
+    pool_recycle: int | None = None
+    pool_use_lifo: bool = False
+    echo: bool | Literal["debug"] = False
+    isolation_level: str | None = None
+    connect_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sync_connect_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    engine_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # session
+    autoflush: bool = True
+    expire_on_commit: bool = False
+    info: Mapping[Any, Any] | None = None
+    class_: type[AsyncSession] = AsyncSession
+    sync_class_: type[Session] | None = None
+    session_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # presets
+    ping_after: float | None = DEFAULT_PING_AFTER
+    pgbouncer: bool = False
+    application_name: str | None = None
+    sqlite_journal_mode: str | None = "WAL"
+    sqlite_synchronous: str | None = "NORMAL"
+    sqlite_busy_timeout: float = 5.0
+    sqlite_foreign_keys: bool | None = True
+    sqlite_begin: Literal["immediate", "deferred"] = "immediate"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, URL):
+            raise ConfigurationError(
+                "FactoryConfig.url must be a sqlalchemy URL; "
+                "use FactoryConfig.from_url() to pass a string"
+            )
+        for field in dataclasses.fields(self):
+            if field.name != "url":
+                _CHECKS[field.name](field.name, getattr(self, field.name))
+        set_ = object.__setattr__
+        for name in ("connect_args", "sync_connect_args", "engine_options", "session_options"):
+            set_(self, name, MappingProxyType(dict(getattr(self, name))))
+        if self.info is not None:
+            set_(self, "info", MappingProxyType(dict(self.info)))
+        for name in ("sqlite_journal_mode", "sqlite_synchronous"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, value.upper())
+        set_(self, "sqlite_begin", self.sqlite_begin.lower())
+        if self.isolation_level is not None:
+            set_(self, "isolation_level", self._checked_isolation_level(self.isolation_level))
+        self._check_engine_options()
+        self._check_session_options()
+        self._check_memory_pool()
+
+    # construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | URL,
+        *,
+        class_: type[AsyncSession] = AsyncSession,
+        **options: Unpack[FactoryOptions],
+    ) -> FactoryConfig:
+        """Build a config from a URL string (or ``sqlalchemy.URL``) and options."""
+        check_option_names(options)
+        return cls(url=parse_url(url), class_=class_, **options)
+
+    @classmethod
+    def from_env(
+        cls,
+        var: str = "DATABASE_URL",
+        *,
+        default: str = DEFAULT_URL,
+        class_: type[AsyncSession] = AsyncSession,
+        **options: Unpack[FactoryOptions],
+    ) -> FactoryConfig:
+        """Build a config from the URL in environment variable ``var``.
+
+        When ``var`` is unset or empty the embedded default is used: a SQLite file
+        ``sessionforge.db`` in the working directory.
+        """
+        return cls.from_url(os.environ.get(var) or default, class_=class_, **options)
+
+    def replace(self, **changes: Any) -> FactoryConfig:
+        """Return a validated copy with ``changes`` applied."""
+        check_option_names(changes, allowed=_FIELD_NAMES)
+        if "url" in changes:
+            changes["url"] = parse_url(changes["url"])
+        return dataclasses.replace(self, **changes)
+
+    # derived values ----------------------------------------------------------------
+
+    @property
+    def async_url(self) -> URL:
+        """The URL the async factory connects with; an error for a sync-only driver."""
+        dialect_name, driver = self.url.get_backend_name(), self.url.get_driver_name()
+        info = dialects.find_driver(dialect_name, driver)
+        if info is not None and not info.is_async:
+            suggestion = dialects.async_driver_for(dialect_name)
+            use = (
+                f"use {dialect_name}+{suggestion.driver}" if suggestion else "use an async driver"
+            )
+            raise ConfigurationError(
+                f"{dialect_name}+{driver} is a sync driver; {use} with SessionFactory, "
+                "or SyncSessionFactory for sync code"
+            )
+        return self.url
+
+    @property
+    def sync_url(self) -> URL:
+        """The URL the sync twin connects with, by the driver mapping of DESIGN.md §5."""
+        dialect_name, driver = self.url.get_backend_name(), self.url.get_driver_name()
+        info = dialects.sync_driver_for(dialect_name, driver)
+        if info is None:
+            raise ConfigurationError(
+                f"sessionforge knows no sync driver to pair with {dialect_name}+{driver}; "
+                "build the sync factory from a sync URL: "
+                "SyncSessionFactory(FactoryConfig.from_url('dialect+syncdriver://...'))"
+            )
+        return self.url.set(drivername=f"{dialect_name}+{info.driver}")
+
+    def session_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every new session gets (before per-call overrides)."""
+        kwargs = dict(self.session_options)
+        kwargs["autoflush"] = self.autoflush
+        kwargs["expire_on_commit"] = self.expire_on_commit
+        if self.info is not None:
+            kwargs["info"] = dict(self.info)
+        return kwargs
+
+    def describe(self) -> dict[str, Any]:
+        """Options that differ from the defaults, secrets masked, for reprs and logs."""
+        shown: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            if field.name in ("url", "class_"):
+                continue
+            value = getattr(self, field.name)
+            default = (
+                field.default_factory()
+                if field.default_factory is not dataclasses.MISSING
+                else field.default
+            )
+            if value == default and field.name not in ("autoflush", "expire_on_commit"):
+                continue
+            if isinstance(value, Mapping):
+                value = mask_mapping(value)
+            elif isinstance(value, type):
+                value = value.__name__
+            shown[field.name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.describe().items())
+        return (
+            f"FactoryConfig(url={mask_url(self.url)!r}, class_={self.class_.__name__!r}{options})"
+        )
+
+    # validation --------------------------------------------------------------------
+
+    def _checked_isolation_level(self, level: str) -> str:
+        normalised = level.upper().replace("_", " ").strip()
+        supported = dialects.isolation_levels(self.url.get_backend_name())
+        if supported is not None and normalised not in supported:
+            raise ConfigurationError(
+                f"isolation_level={level!r} is not supported by "
+                f"{self.url.get_backend_name()}; use one of {', '.join(sorted(supported))}"
+            )
+        return normalised
+
+    def _check_engine_options(self) -> None:
+        for key in self.engine_options:
+            if key in _FIELD_NAMES:
+                raise ConfigurationError(
+                    f"engine_options[{key!r}] duplicates the option {key}=; pass it as "
+                    f"SessionFactory(url, {key}=...)"
+                )
+            if key in ("url", "creator") or key.startswith("__"):
+                raise ConfigurationError(
+                    f"engine_options[{key!r}] cannot be set: sessionforge builds the "
+                    "engine from the URL; pass an engine instead if you need to"
+                )
+
+    def _check_session_options(self) -> None:
+        allowed = session_argument_names(self.class_, self.sync_class_ or Session)
+        for key in self.session_options:
+            if key in _FIELD_NAMES:
+                raise ConfigurationError(
+                    f"session_options[{key!r}] duplicates the option {key}=; pass it as "
+                    f"SessionFactory(url, {key}=...)"
+                )
+            check_session_argument(key, allowed)
+
+    def _check_memory_pool(self) -> None:
+        if not dialects.is_memory_sqlite(self.url):
+            return
+        if (self.pool_size or 1) > 1 or (self.max_overflow or 0) != 0:
+            raise ConfigurationError(
+                "an in-memory SQLite database lives in one connection, so pool_size and "
+                "max_overflow cannot be set for it; use a SQLite file for a pool"
+            )
+
+
+_FIELD_NAMES: Final = frozenset(f.name for f in dataclasses.fields(FactoryConfig))
+
+
+def check_option_names(options: Mapping[str, Any], allowed: frozenset[str] | None = None) -> None:
+    """Raise ``ConfigurationError`` for the first name that is not a known option."""
+    known = allowed if allowed is not None else _FIELD_NAMES - {"url", "class_"}
+    for name in options:
+        if name in known:
+            continue
+        if name in ("bind", "binds"):
+            raise ConfigurationError(
+                f"{name} is set by the factory from its URL; "
+                "create another SessionFactory for another database"
+            )
+        hint = difflib.get_close_matches(name, sorted(known), n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigurationError(
+            f"unknown option {name!r}{did_you_mean} Options are listed in "
+            "FactoryOptions; anything else for the engine goes in engine_options={...}, "
+            "for sessions in session_options={...}"
+        )
+
+
+def session_argument_names(*classes: type) -> frozenset[str]:
+    """Keyword arguments the session classes' constructors accept, factory-owned aside."""
+    names: set[str] = set()
+    for cls in classes:
+        for parameter in inspect.signature(cls).parameters.values():
+            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                names.add(parameter.name)
+    return frozenset(names - _FACTORY_OWNED - {"self"})
+
+
+def check_session_argument(name: str, allowed: frozenset[str]) -> None:
+    """Raise ``ConfigurationError`` unless ``name`` is a session keyword argument."""
+    if name in allowed:
+        return
+    if name in _FACTORY_OWNED:
+        raise ConfigurationError(
+            f"{name} is set by the factory and cannot be passed to a session; "
+            "create another SessionFactory for another database or session class"
+        )
+    hint = difflib.get_close_matches(name, sorted(allowed), n=1)
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigurationError(
+        f"unknown session argument {name!r}{did_you_mean} "
+        f"Sessions accept: {', '.join(sorted(allowed))}"
+    )

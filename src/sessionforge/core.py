@@ -1,0 +1,224 @@
+"""The shared core of a twin pair: configuration, session classes, engines, status.
+
+``SessionFactory`` and ``SyncSessionFactory`` each hold one ``FactoryCore``; ``db.sync``
+holds the same core as ``db``, so ``configure()`` on either twin is seen by both and
+the twins differ only where they do I/O. Everything here is pure or synchronous.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from .config import (
+    ENGINE_OPTIONS,
+    PRESET_OPTIONS,
+    SESSION_LEVEL_OPTIONS,
+    FactoryConfig,
+    check_option_names,
+    check_session_argument,
+    mask_url,
+    session_argument_names,
+)
+from .engines import EngineStatus, build_async_engine, build_sync_engine, engine_status
+from .errors import ConfigurationError, DatabaseUnavailableError
+from .session import make_session_classes
+
+__all__ = ["FactoryCore", "FactoryStatus"]
+
+_AS = TypeVar("_AS", bound=AsyncSession)
+
+# configure() takes these as config fields; any other session argument goes to
+# session_options.
+_NAMED_SESSION_OPTIONS = frozenset({"autoflush", "expire_on_commit", "info"})
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryStatus:
+    """A snapshot of a factory's connections.
+
+    ``checked_out`` counts the connections checked out of the engine that a new
+    session of this factory would use now; ``engines`` has the pool figures of every
+    engine the factory has built so far.
+    """
+
+    checked_out: int
+    engines: tuple[EngineStatus, ...]
+
+
+class FactoryCore(Generic[_AS]):
+    """Configuration and engines shared by an async factory and its sync twin."""
+
+    def __init__(
+        self,
+        config: FactoryConfig,
+        *,
+        async_engine: AsyncEngine | None = None,
+        sync_engine: Engine | None = None,
+    ) -> None:
+        self.config = config
+        async_class, self.sync_class = make_session_classes(config.class_, config.sync_class_)
+        self.async_class = cast("type[_AS]", async_class)
+        self.session_arguments = session_argument_names(self.async_class, self.sync_class)
+        self.owns_async_engine = async_engine is None
+        self.owns_sync_engine = sync_engine is None
+        self._async_engine = async_engine
+        self._sync_engine = sync_engine
+        self._lock = threading.Lock()
+
+    # sessions ----------------------------------------------------------------------
+
+    def session_kwargs(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge per-call ``overrides`` into the factory's defaults, as sessionmaker does.
+
+        A call's value wins; ``info`` dicts are merged (the call's keys win) into a
+        new dict, so neither the factory's nor the caller's dict is shared.
+        """
+        for name in overrides:
+            check_session_argument(name, self.session_arguments)
+        kwargs = dict(overrides)
+        for name, value in self.config.session_kwargs().items():
+            if name == "info" and "info" in kwargs:
+                merged = dict(value)
+                merged.update(kwargs["info"] or {})
+                kwargs["info"] = merged
+            else:
+                kwargs.setdefault(name, value)
+        return kwargs
+
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Change session options for sessions made from now on, by both twins."""
+        changes: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for name, value in options.items():
+            if name in ENGINE_OPTIONS or name in PRESET_OPTIONS or name == "sync_connect_args":
+                raise ConfigurationError(
+                    f"configure() changes session options only; {name} shapes the engine, "
+                    "so pass it when the factory is made"
+                )
+            check_session_argument(name, self.session_arguments)
+            if name in _NAMED_SESSION_OPTIONS:
+                changes[name] = value
+            else:
+                extra[name] = value
+        if extra:
+            changes["session_options"] = {**self.config.session_options, **extra}
+        self.config = self.config.replace(**changes)
+
+    # engines -----------------------------------------------------------------------
+
+    @property
+    def async_engine_if_built(self) -> AsyncEngine | None:
+        return self._async_engine
+
+    @property
+    def sync_engine_if_built(self) -> Engine | None:
+        return self._sync_engine
+
+    def async_engine(self) -> AsyncEngine:
+        """The async engine, built on first use."""
+        engine = self._async_engine
+        if engine is None:
+            with self._lock:
+                engine = self._async_engine
+                if engine is None:
+                    engine = self._async_engine = build_async_engine(self.config)
+        return engine
+
+    def sync_engine(self) -> Engine:
+        """The sync twin's engine, built on first use."""
+        engine = self._sync_engine
+        if engine is None:
+            with self._lock:
+                engine = self._sync_engine
+                if engine is None:
+                    engine = self._sync_engine = build_sync_engine(self.config)
+        return engine
+
+    def forget_engines(
+        self, *, sync_only: bool = False
+    ) -> tuple[AsyncEngine | None, Engine | None]:
+        """Detach the engines this core owns and return them for the caller to dispose."""
+        with self._lock:
+            async_engine = None
+            if not sync_only and self.owns_async_engine:
+                async_engine, self._async_engine = self._async_engine, None
+            sync_engine = None
+            if self.owns_sync_engine:
+                sync_engine, self._sync_engine = self._sync_engine, None
+        return async_engine, sync_engine
+
+    def status(self, *, role: str) -> FactoryStatus:
+        """Pool figures of every built engine; ``role`` ("async"/"sync") picks ``checked_out``."""
+        engines: list[EngineStatus] = []
+        if self._async_engine is not None:
+            engines.append(engine_status("async", self._async_engine.sync_engine))
+        if self._sync_engine is not None:
+            engines.append(engine_status("sync", self._sync_engine))
+        current = [e for e in engines if e.role == role]
+        return FactoryStatus(
+            checked_out=current[0].checked_out if current else 0, engines=tuple(engines)
+        )
+
+    # shared formatting -------------------------------------------------------------
+
+    def describe(self, name: str, class_: type[AsyncSession] | type[Session], url: URL) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.config.describe().items())
+        return f"{name}(class_={class_.__name__!r}, url={mask_url(url)!r}{options})"
+
+
+def unavailable(url: URL, exc: BaseException, timeout: float | None) -> DatabaseUnavailableError:
+    """Turn a failed ping into a ``DatabaseUnavailableError`` without the password."""
+    where = mask_url(url)
+    if isinstance(exc, TimeoutError):
+        reason = f"no answer within {timeout:g}s"
+    else:
+        original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        reason = str(original).strip().splitlines()[0] if str(original).strip() else ""
+        reason = f"{type(original).__name__}: {reason}" if reason else type(original).__name__
+        if url.password:
+            reason = reason.replace(str(url.password), "***")
+    return DatabaseUnavailableError(
+        f"cannot reach the database at {where} ({reason}); check that the server is up, "
+        "the host, port and credentials, and any firewall in between"
+    )
+
+
+def resolve_target(
+    target: object, options: dict[str, Any], *, engine_type: type, factory: str
+) -> tuple[FactoryConfig, Any]:
+    """Turn a factory's first argument and options into (config, user's engine or None)."""
+    if isinstance(target, FactoryConfig):
+        return (target.replace(**options) if options else target), None
+    if isinstance(target, engine_type):
+        fixed = sorted(options.keys() & (ENGINE_OPTIONS | PRESET_OPTIONS))
+        if fixed:
+            raise ConfigurationError(
+                f"{', '.join(fixed)} shape(s) engines sessionforge builds, but {factory} was "
+                "given an engine: set them where you create the engine, or pass a URL instead"
+            )
+        check_option_names(options, allowed=SESSION_LEVEL_OPTIONS)
+        # The user's engine is used as given: its URL (and so its in-memory database)
+        # is taken as is, without our normalisation.
+        engine: Any = target
+        return FactoryConfig(url=engine.url, **options), engine
+    if isinstance(target, str | URL):
+        return FactoryConfig.from_url(target, **options), None
+    if isinstance(target, AsyncEngine | Engine):
+        wanted = "an AsyncEngine" if engine_type is AsyncEngine else "an Engine"
+        other = "SyncSessionFactory" if engine_type is AsyncEngine else "SessionFactory"
+        raise ConfigurationError(
+            f"{factory} needs {wanted}, got {type(target).__name__}; pass a URL, or use "
+            f"{other} for this engine"
+        )
+    raise ConfigurationError(
+        f"{factory} takes a URL string, a sqlalchemy URL, a FactoryConfig or an engine; "
+        f"got {type(target).__name__}"
+    )

@@ -1,0 +1,321 @@
+"""Everything sessionforge knows about particular databases and drivers.
+
+Driver mapping (async ↔ sync), URL defaults, isolation levels each dialect accepts, and
+the presets applied to engines the factory builds: SQLite's pragmas and BEGIN policy,
+PostgreSQL's ``application_name`` and PgBouncer settings. No other module names a
+dialect or a driver.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    from .config import FactoryConfig
+
+__all__ = [
+    "BEGIN_OPTION",
+    "DriverInfo",
+    "apply_presets",
+    "async_driver_for",
+    "engine_kwargs",
+    "install_sqlite_begin",
+    "is_memory_sqlite",
+    "is_sqlite",
+    "isolation_levels",
+    "known_drivers",
+    "normalise_memory_sqlite",
+    "sync_driver_for",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverInfo:
+    """One driver of one dialect: whether it is async, and what to install for it."""
+
+    dialect: str
+    driver: str
+    is_async: bool
+    package: str
+
+
+_DRIVERS: Final[tuple[DriverInfo, ...]] = (
+    DriverInfo("postgresql", "asyncpg", True, "asyncpg"),
+    DriverInfo("postgresql", "psycopg", True, "psycopg[binary]"),
+    DriverInfo("postgresql", "psycopg_async", True, "psycopg[binary]"),
+    DriverInfo("postgresql", "psycopg2", False, "psycopg2-binary"),
+    DriverInfo("postgresql", "psycopg2cffi", False, "psycopg2cffi"),
+    DriverInfo("postgresql", "pg8000", False, "pg8000"),
+    DriverInfo("sqlite", "aiosqlite", True, "aiosqlite"),
+    DriverInfo("sqlite", "pysqlite", False, "(part of Python)"),
+    DriverInfo("mysql", "aiomysql", True, "aiomysql"),
+    DriverInfo("mysql", "asyncmy", True, "asyncmy"),
+    DriverInfo("mysql", "pymysql", False, "pymysql"),
+    DriverInfo("mysql", "mysqldb", False, "mysqlclient"),
+    DriverInfo("mysql", "mysqlconnector", False, "mysql-connector-python"),
+    DriverInfo("mysql", "mariadbconnector", False, "mariadb"),
+)
+
+# The async driver a URL without one gets, and the async driver we point users of a
+# sync-only driver to.
+_DEFAULT_ASYNC: Final[Mapping[str, str]] = {
+    "postgresql": "asyncpg",
+    "sqlite": "aiosqlite",
+    "mysql": "aiomysql",
+}
+# The sync twin's driver for each async driver (DESIGN.md §5).
+_SYNC_TWIN: Final[Mapping[tuple[str, str], str]] = {
+    ("postgresql", "asyncpg"): "psycopg",
+    ("postgresql", "psycopg"): "psycopg",
+    ("postgresql", "psycopg_async"): "psycopg",
+    ("sqlite", "aiosqlite"): "pysqlite",
+    ("mysql", "aiomysql"): "pymysql",
+    ("mysql", "asyncmy"): "pymysql",
+}
+# Dialect names SQLAlchemy accepts as spelled by users, folded to the canonical one.
+_DIALECT_ALIASES: Final[Mapping[str, str]] = {"postgres": "postgresql", "mariadb": "mysql"}
+
+_ISOLATION_LEVELS: Final[Mapping[str, frozenset[str]]] = {
+    "postgresql": frozenset(
+        {"READ COMMITTED", "READ UNCOMMITTED", "REPEATABLE READ", "SERIALIZABLE", "AUTOCOMMIT"}
+    ),
+    "mysql": frozenset(
+        {"READ COMMITTED", "READ UNCOMMITTED", "REPEATABLE READ", "SERIALIZABLE", "AUTOCOMMIT"}
+    ),
+    "sqlite": frozenset({"SERIALIZABLE", "READ UNCOMMITTED", "AUTOCOMMIT"}),
+}
+
+SQLITE_JOURNAL_MODES: Final = frozenset({"WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY", "OFF"})
+SQLITE_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+SQLITE_BEGIN_MODES: Final = frozenset({"immediate", "deferred"})
+
+#: Execution option that picks the SQLite BEGIN mode of one connection's transactions
+#: ("immediate" or "deferred"); later issues set it for read-only sessions.
+BEGIN_OPTION: Final = "sessionforge_sqlite_begin"
+
+
+def known_drivers() -> tuple[DriverInfo, ...]:
+    """Every driver sessionforge has a mapping or an install hint for."""
+    return _DRIVERS
+
+
+def canonical_dialect(name: str) -> str:
+    """Return the dialect name SQLAlchemy's registry uses for ``name``."""
+    return _DIALECT_ALIASES.get(name, name)
+
+
+def find_driver(dialect: str, driver: str) -> DriverInfo | None:
+    """Return what sessionforge knows of this dialect+driver, or ``None``."""
+    for info in _DRIVERS:
+        if info.dialect == dialect and info.driver == driver:
+            return info
+    return None
+
+
+def default_async_driver(dialect: str) -> str | None:
+    """Return the async driver a URL of this dialect without a driver gets."""
+    return _DEFAULT_ASYNC.get(dialect)
+
+
+def async_driver_for(dialect: str) -> DriverInfo | None:
+    """Return the async driver to suggest to a user of a sync driver of ``dialect``."""
+    name = _DEFAULT_ASYNC.get(dialect)
+    return None if name is None else find_driver(dialect, name)
+
+
+def sync_driver_for(dialect: str, driver: str) -> DriverInfo | None:
+    """Return the sync twin's driver for an async ``dialect+driver``, or ``None``."""
+    info = find_driver(dialect, driver)
+    if info is not None and not info.is_async:
+        return info
+    name = _SYNC_TWIN.get((dialect, driver))
+    return None if name is None else find_driver(dialect, name)
+
+
+def isolation_levels(dialect: str) -> frozenset[str] | None:
+    """Return the isolation levels ``dialect`` accepts, or ``None`` when unknown."""
+    return _ISOLATION_LEVELS.get(canonical_dialect(dialect))
+
+
+def is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """True for every spelling of an in-memory SQLite database, ours included."""
+    if not is_sqlite(url):
+        return False
+    database = url.database or ""
+    return (
+        database in ("", ":memory:")
+        or "mode=memory" in database
+        or (url.query.get("mode") == "memory")
+    )
+
+
+def normalise_memory_sqlite(url: URL) -> URL:
+    """Give ``sqlite://`` a name of its own, so every connection of a factory shares it.
+
+    A plain ``:memory:`` database belongs to one connection. A named shared-cache
+    in-memory database is seen by every connection of this process that opens the same
+    name — the async engine's and the sync twin's alike — and lives while one is open.
+    """
+    database = url.database or ""
+    if database not in ("", ":memory:"):
+        return url
+    name = f"file:sessionforge-{uuid.uuid4().hex}"
+    return url.set(database=name, query={"mode": "memory", "cache": "shared", "uri": "true"})
+
+
+def engine_kwargs(config: FactoryConfig, url: URL, *, is_async: bool) -> dict[str, Any]:
+    """Return the keyword arguments for ``create_engine``/``create_async_engine``."""
+    kwargs: dict[str, Any] = {}
+    for name in ("pool_size", "max_overflow", "pool_timeout", "pool_recycle"):
+        value = getattr(config, name)
+        if value is not None:
+            kwargs[name] = value
+    if config.pool_use_lifo:
+        kwargs["pool_use_lifo"] = True
+    if config.echo:
+        kwargs["echo"] = True
+    if config.isolation_level is not None:
+        kwargs["isolation_level"] = config.isolation_level
+    connect_args = dict(config.connect_args if is_async else config.sync_connect_args)
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgresql":
+        connect_args = _postgres_connect_args(config, driver, connect_args)
+    if is_memory_sqlite(url):
+        # One connection, held for the factory's life: the database lives in it.
+        # Transactions are serialised by the pool (size 1, no overflow).
+        kwargs["poolclass"] = AsyncAdaptedQueuePool if is_async else QueuePool
+        kwargs["pool_size"] = 1
+        kwargs["max_overflow"] = 0
+        kwargs["pool_recycle"] = -1
+    if is_sqlite(url):
+        # Our pools hand a connection to one task or thread at a time.
+        connect_args.setdefault("check_same_thread", False)
+    if connect_args:
+        kwargs["connect_args"] = connect_args
+    kwargs.update(config.engine_options)
+    return kwargs
+
+
+def _postgres_connect_args(
+    config: FactoryConfig, driver: str, connect_args: dict[str, Any]
+) -> dict[str, Any]:
+    if driver == "asyncpg":
+        if config.application_name is not None:
+            settings = dict(connect_args.get("server_settings") or {})
+            settings.setdefault("application_name", config.application_name)
+            connect_args["server_settings"] = settings
+        if config.pgbouncer:
+            # PgBouncer in transaction mode hands each transaction to any server
+            # connection, so a named prepared statement may not exist there
+            # (SQLAlchemy #6467, asyncpg #1058): no caches, unique statement names.
+            connect_args.setdefault("statement_cache_size", 0)
+            connect_args.setdefault("prepared_statement_cache_size", 0)
+            connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
+    elif driver in ("psycopg", "psycopg_async", "psycopg2", "psycopg2cffi", "pg8000"):
+        if config.application_name is not None:
+            connect_args.setdefault("application_name", config.application_name)
+        if config.pgbouncer and driver in ("psycopg", "psycopg_async"):
+            connect_args.setdefault("prepare_threshold", None)
+    return connect_args
+
+
+def _unique_statement_name() -> str:
+    return f"__sessionforge_{uuid.uuid4().hex}__"
+
+
+def apply_presets(engine: Engine, config: FactoryConfig) -> None:
+    """Attach the dialect's presets to ``engine`` (the sync core of an async engine)."""
+    if is_sqlite(engine.url):
+        _install_sqlite_pragmas(engine, config)
+        install_sqlite_begin(engine, config.sqlite_begin, config.isolation_level)
+
+
+def _install_sqlite_pragmas(engine: Engine, config: FactoryConfig) -> None:
+    pragmas: list[str] = []
+    # busy_timeout first: switching a fresh file to WAL takes a lock others wait on.
+    pragmas.append(f"PRAGMA busy_timeout = {round(config.sqlite_busy_timeout * 1000)}")
+    if config.sqlite_journal_mode is not None and not is_memory_sqlite(engine.url):
+        pragmas.append(f"PRAGMA journal_mode = {config.sqlite_journal_mode}")
+    if config.sqlite_synchronous is not None:
+        pragmas.append(f"PRAGMA synchronous = {config.sqlite_synchronous}")
+    if config.sqlite_foreign_keys is not None:
+        pragmas.append(f"PRAGMA foreign_keys = {'ON' if config.sqlite_foreign_keys else 'OFF'}")
+
+    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Driver-level autocommit: the driver never begins or ends a transaction on
+        # its own, so the BEGIN below is the only one and SAVEPOINTs work
+        # (SQLAlchemy's documented pysqlite/aiosqlite recipe).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    event.listen(engine, "connect", on_connect)
+
+
+def install_sqlite_begin(engine: Engine, default_mode: str, engine_isolation: str | None) -> None:
+    """Emit ``BEGIN IMMEDIATE`` (or ``DEFERRED``) when SQLAlchemy begins a transaction.
+
+    A deferred transaction that reads, then writes, fails at once with "database is
+    locked" when another connection wrote in between (WAL gives no busy wait there);
+    an immediate one takes the write lock up front and waits ``busy_timeout`` for it,
+    which is what makes read-modify-write increments exact.
+    """
+
+    def on_begin(connection: Connection) -> None:
+        options = connection.get_execution_options()
+        if options.get("isolation_level", engine_isolation) == "AUTOCOMMIT":
+            return
+        dbapi_connection = connection.connection.dbapi_connection
+        if dbapi_connection is not None and dbapi_connection.isolation_level is not None:
+            # SQLAlchemy's pysqlite dialect sets "" when it restores a non-AUTOCOMMIT
+            # isolation level (2.1, SQLiteDialect_pysqlite.set_isolation_level).
+            dbapi_connection.isolation_level = None
+        mode = options.get(BEGIN_OPTION, default_mode)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if mode == "immediate" else "BEGIN")
+
+    event.listen(engine, "begin", on_begin)
+
+
+def describe_presets(config: FactoryConfig, url: URL) -> dict[str, Any]:
+    """Return the presets in effect for ``url``, for ``sessionforge check`` and logs."""
+    if is_sqlite(url):
+        presets: dict[str, Any] = {
+            "begin": config.sqlite_begin,
+            "busy_timeout": config.sqlite_busy_timeout,
+            "synchronous": config.sqlite_synchronous,
+            "foreign_keys": config.sqlite_foreign_keys,
+        }
+        if is_memory_sqlite(url):
+            presets["memory"] = "one shared connection; transactions serialised"
+        else:
+            presets["journal_mode"] = config.sqlite_journal_mode
+        return presets
+    if url.get_backend_name() == "postgresql":
+        return {
+            "application_name": config.application_name,
+            "pgbouncer": config.pgbouncer,
+            "ping_after": config.ping_after,
+        }
+    return {"ping_after": config.ping_after}
+
+
+def needs_liveness_check(url: URL) -> bool:
+    """True when pooled connections can die on the server side (not SQLite's)."""
+    return not is_sqlite(url)

@@ -1,0 +1,147 @@
+"""Building engines from a ``FactoryConfig``, the liveness policy, and pool figures.
+
+The liveness policy replaces ``pool_pre_ping``: a pooled connection is pinged at
+checkout only when it sat idle in the pool for longer than ``ping_after`` seconds, so a
+busy pool pays nothing, and a connection that failed its ping is replaced before the
+caller sees it (SQLAlchemy retries the checkout with a fresh connection).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import ArgumentError, DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from . import _sqla, dialects
+from .config import FactoryConfig, mask_url
+from .errors import ConfigurationError
+
+__all__ = [
+    "EngineStatus",
+    "build_async_engine",
+    "build_sync_engine",
+    "check_driver",
+    "engine_status",
+]
+
+_LAST_CHECKIN: Final = "sessionforge_last_checkin"
+
+
+def check_driver(url: URL, *, is_async: bool) -> None:
+    """Raise ``ConfigurationError`` unless ``url``'s driver is installed and fits."""
+    dialect_cls = _sqla.load_dialect(url, is_async=is_async)
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if is_async and not getattr(dialect_cls, "is_async", False):
+        raise ConfigurationError(
+            f"{backend}+{driver} is a sync driver; use an async driver with "
+            "SessionFactory, or SyncSessionFactory for sync code"
+        )
+    try:
+        dialect_cls.import_dbapi()
+    except ImportError as exc:
+        info = dialects.find_driver(backend, driver)
+        package = info.package if info is not None else driver
+        extra = " (or pip install 'sessionforge[postgres]')" if backend == "postgresql" else ""
+        role = "async" if is_async else "sync twin's"
+        raise ConfigurationError(
+            f"the {role} driver {driver} for {backend} is not installed: "
+            f"pip install '{package}'{extra}"
+        ) from exc
+
+
+def build_async_engine(config: FactoryConfig) -> AsyncEngine:
+    """Create the async engine for ``config``, with presets and liveness policy."""
+    url = config.async_url
+    kwargs = dialects.engine_kwargs(config, url, is_async=True)
+    try:
+        engine = create_async_engine(url, **kwargs)
+    except (ArgumentError, TypeError) as exc:
+        raise _engine_error(url, exc) from exc
+    _prepare(engine.sync_engine, config)
+    return engine
+
+
+def build_sync_engine(config: FactoryConfig) -> Engine:
+    """Create the sync twin's engine for ``config``, with the same presets."""
+    url = config.sync_url
+    check_driver(url, is_async=False)
+    kwargs = dialects.engine_kwargs(config, url, is_async=False)
+    try:
+        engine = create_engine(url, **kwargs)
+    except (ArgumentError, TypeError) as exc:
+        raise _engine_error(url, exc) from exc
+    _prepare(engine, config)
+    return engine
+
+
+def _engine_error(url: URL, exc: Exception) -> ConfigurationError:
+    return ConfigurationError(
+        f"could not build an engine for {mask_url(url)}: {exc}; check engine_options, "
+        "connect_args and the pool options"
+    )
+
+
+def _prepare(engine: Engine, config: FactoryConfig) -> None:
+    dialects.apply_presets(engine, config)
+    if config.ping_after is not None and dialects.needs_liveness_check(engine.url):
+        install_liveness_policy(engine, config.ping_after)
+
+
+def install_liveness_policy(engine: Engine, ping_after: float) -> None:
+    """Ping a pooled connection at checkout only after ``ping_after`` idle seconds."""
+
+    def on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_LAST_CHECKIN] = time.monotonic()
+
+    def on_checkout(
+        dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+    ) -> None:
+        last = record.info.get(_LAST_CHECKIN)
+        if last is None or time.monotonic() - last < ping_after:
+            return  # a brand-new connection, or one in use moments ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool invalidates this connection and checks out a fresh one.
+            raise DisconnectionError("pooled connection failed its liveness ping") from exc
+
+    event.listen(engine, "checkin", on_checkin)
+    event.listen(engine, "checkout", on_checkout)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """Pool figures of one engine at one moment."""
+
+    role: str
+    url: str
+    pool: str
+    size: int | None
+    checked_in: int | None
+    checked_out: int
+    overflow: int | None
+
+
+def engine_status(role: str, engine: Engine) -> EngineStatus:
+    """Read ``engine``'s pool figures (``None`` where its pool class has no such figure)."""
+    pool: Any = engine.pool
+
+    def figure(name: str) -> int | None:
+        method = getattr(pool, name, None)
+        return int(method()) if callable(method) else None
+
+    return EngineStatus(
+        role=role,
+        url=mask_url(engine.url),
+        pool=type(pool).__name__,
+        size=figure("size"),
+        checked_in=figure("checkedin"),
+        checked_out=figure("checkedout") or 0,
+        overflow=figure("overflow"),
+    )

@@ -1,0 +1,64 @@
+"""Every exception sessionforge raises on its own account.
+
+Each class subclasses the standard exception whose meaning it shares, so code that
+already catches ``ValueError`` or ``TimeoutError`` keeps working::
+
+    SessionForgeError
+    ├── ConfigurationError          (ValueError)
+    ├── DatabaseUnavailableError    (ConnectionError)
+    ├── ConcurrentSessionUseError   (RuntimeError)
+    ├── NoCurrentSessionError       (LookupError)
+    ├── RetryExhaustedError
+    └── TransactionTimeoutError     (TimeoutError)
+
+Messages say what went wrong and what to do about it, and never contain a password.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "NoCurrentSessionError",
+    "RetryExhaustedError",
+    "SessionForgeError",
+    "TransactionTimeoutError",
+]
+
+
+class SessionForgeError(Exception):
+    """Raised for nothing directly: the base of every sessionforge exception."""
+
+
+class ConfigurationError(SessionForgeError, ValueError):
+    """Raised when a URL, driver, option or setting cannot be used as given."""
+
+
+class DatabaseUnavailableError(SessionForgeError, ConnectionError):
+    """Raised when the database cannot be reached or does not answer in time."""
+
+
+class ConcurrentSessionUseError(SessionForgeError, RuntimeError):
+    """Raised when a second task uses a session while another task is using it."""
+
+
+class NoCurrentSessionError(SessionForgeError, LookupError):
+    """Raised when ``current()`` is called outside any ``scope()`` or request."""
+
+
+class RetryExhaustedError(SessionForgeError):
+    """Raised when a retried transaction failed on every attempt.
+
+    ``last_error`` is the exception of the final attempt; ``attempts`` counts every
+    call of the function, the first one included.
+    """
+
+    def __init__(self, message: str, *, last_error: BaseException, attempts: int) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+        self.attempts = attempts
+
+
+class TransactionTimeoutError(SessionForgeError, TimeoutError):
+    """Raised when a transaction outlives its ``timeout`` and has been rolled back."""

@@ -1,0 +1,207 @@
+"""``SyncSessionFactory``: the sync twin, for migrations, CLI commands, workers, notebooks."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast, overload
+
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .config import FactoryConfig, SyncFactoryOptions
+from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
+from .engines import check_driver
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+__all__ = ["SyncSessionFactory"]
+
+_S = TypeVar("_S", bound=Session)
+
+
+class SyncSessionFactory(Generic[_S]):
+    """A configurable factory of ``Session`` objects over a sessionforge configuration.
+
+    Reached as ``db.sync`` (sharing ``db``'s configuration: ``configure()`` on either
+    is seen by both), or built on its own. Same methods and semantics as
+    ``SessionFactory``, without the awaits. The engine's driver is the sync partner of
+    the async one (aiosqlite → pysqlite, asyncpg/psycopg → psycopg, aiomysql/asyncmy →
+    pymysql), with the same presets.
+
+    Example::
+
+        sdb = SyncSessionFactory(FactoryConfig.from_url("postgresql://app@db/app"))
+        with sdb.begin() as session:
+            session.add(User(name="ada"))
+        sdb.dispose()
+    """
+
+    @overload
+    def __init__(
+        self: SyncSessionFactory[Session],
+        target: str | URL | Engine | FactoryConfig,
+        /,
+        **options: Unpack[SyncFactoryOptions],
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        target: str | URL | Engine | FactoryConfig,
+        /,
+        *,
+        sync_class_: type[_S],
+        **options: Unpack[SyncFactoryOptions],
+    ) -> None: ...
+
+    def __init__(
+        self,
+        target: str | URL | Engine | FactoryConfig,
+        /,
+        *,
+        sync_class_: type[_S] | None = None,
+        **options: Any,
+    ) -> None:
+        if sync_class_ is not None:
+            options["sync_class_"] = sync_class_
+        config, engine = resolve_target(
+            target, options, engine_type=Engine, factory="SyncSessionFactory"
+        )
+        if engine is None:
+            check_driver(config.sync_url, is_async=False)
+        self._core: FactoryCore[Any] = FactoryCore(config, sync_engine=engine)
+
+    @classmethod
+    def _from_core(cls, core: FactoryCore[Any]) -> SyncSessionFactory[Session]:
+        """The twin of an async factory: same core, driver checked now."""
+        if core.sync_engine_if_built is None:
+            check_driver(core.config.sync_url, is_async=False)
+        twin: SyncSessionFactory[Session] = object.__new__(SyncSessionFactory)
+        twin._core = core
+        return twin
+
+    # making sessions ---------------------------------------------------------------
+
+    def __call__(self, **overrides: Any) -> _S:
+        """Return a new session; ``overrides`` win over the factory's session options."""
+        core = self._core
+        session = core.sync_class(bind=core.sync_engine(), **core.session_kwargs(overrides))
+        return cast("_S", session)
+
+    def begin(self, **overrides: Any) -> SyncBeginContext[_S]:
+        """Return a ``with`` context: a session in a transaction, committed at exit.
+
+        On an exception the transaction is rolled back and the same exception
+        propagates; the session is closed in every case, including a failed COMMIT.
+        """
+        return SyncBeginContext(self(**overrides))
+
+    def configure(self, **options: Any) -> None:
+        """Change session options for later sessions of this factory and its twin."""
+        self._core.configure(options)
+
+    # the database ------------------------------------------------------------------
+
+    def ping(self) -> float:
+        """Check out a connection and make one round trip; return the seconds taken.
+
+        Raises ``DatabaseUnavailableError`` when the database cannot be reached. The
+        driver's own connect timeout applies (``sync_connect_args``).
+        """
+        engine = self._core.sync_engine()
+        started = time.perf_counter()
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+        except (DBAPIError, OSError, TimeoutError) as exc:
+            raise unavailable(engine.url, exc, None) from exc
+        return time.perf_counter() - started
+
+    def status(self) -> FactoryStatus:
+        """Pool figures; ``checked_out`` is the sync engine's."""
+        return self._core.status(role="sync")
+
+    def dispose(self) -> None:
+        """Close the pooled connections of the sync engine, if this factory built it.
+
+        The async twin's engine needs its event loop: ``await db.dispose()`` closes
+        both.
+        """
+        _, sync_engine = self._core.forget_engines(sync_only=True)
+        if sync_engine is not None:
+            sync_engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.dispose()
+
+    # introspection -----------------------------------------------------------------
+
+    @property
+    def config(self) -> FactoryConfig:
+        """The current configuration (``configure()`` on either twin replaces it)."""
+        return self._core.config
+
+    @property
+    def class_(self) -> type[_S]:
+        """This factory's own subclass of the sync session class."""
+        return cast("type[_S]", self._core.sync_class)
+
+    @property
+    def engine(self) -> Engine:
+        """The sync engine sessions are bound to, built on first use."""
+        return self._core.sync_engine()
+
+    @property
+    def url(self) -> URL:
+        engine = self._core.sync_engine_if_built
+        return engine.url if engine is not None else self._core.config.sync_url
+
+    @property
+    def _sessionforge_event_target(self) -> type[Session]:
+        # Lets event.listen(db.sync, ...) reach this factory's sessions (see _sqla.py).
+        return self._core.sync_class
+
+    def __repr__(self) -> str:
+        base = self._core.config.sync_class_ or self._core.config.class_.sync_session_class
+        return self._core.describe("SyncSessionFactory", base, self.url)
+
+
+class SyncBeginContext(Generic[_S]):
+    """What ``SyncSessionFactory.begin()`` returns: ``with`` yields the session."""
+
+    __slots__ = ("_session", "_transaction")
+
+    def __init__(self, session: _S) -> None:
+        self._session = session
+        self._transaction: SessionTransaction | None = None
+
+    def __enter__(self) -> _S:
+        try:
+            self._transaction = self._session.begin()
+        except BaseException:
+            self._session.close()
+            raise
+        return self._session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._transaction is not None, "__exit__ without __enter__"
+        try:
+            self._transaction.__exit__(exc_type, exc, tb)
+        finally:
+            self._session.close()
