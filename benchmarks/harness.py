@@ -1,0 +1,307 @@
+"""A small runner for throughput benchmarks of async database access paths.
+
+Why interleaved rounds: on a shared or noisy machine the available CPU drifts over
+seconds, so measuring contender A for a minute and then B for a minute compares two
+different machines. Here every round measures every contender once, for a short
+fixed time, in an order rotated each round (A B C, then B C A, ...), all in one
+process. Each contender is reported as its median ops/s across rounds, and against
+the baseline as the median of the per-round ratios: two contenders measured seconds
+apart saw nearly the same machine, so the per-round ratio cancels most of the drift.
+
+A scenario module supplies an async context manager that yields the contenders (and
+cleans up after them), then calls ``main()``; see ``bench_factory.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+__all__ = ["Contender", "Params", "Report", "main", "run"]
+
+URL_ENV: str = "SESSIONFORGE_BENCH_POSTGRES_URL"
+DEFAULT_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+RESULTS_DIR: Path = Path(__file__).resolve().parent / "results"
+_VERSIONED = ("sessionforge", "sqlalchemy", "asyncpg", "aiosqlite", "greenlet", "psycopg")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of doing the operation under test; ``op`` performs it once."""
+
+    name: str
+    op: Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Params:
+    """What the command line chose; scenarios read ``url`` and ``pool_size``."""
+
+    url: str
+    rounds: int = 7
+    seconds: float = 2.0
+    ops: int | None = None
+    warmup: float = 0.5
+    tasks: int = 10
+    pool_size: int = 10
+
+
+@dataclass
+class Report:
+    """Raw numbers of one run, and the summaries derived from them."""
+
+    scenario: str
+    baseline: str
+    params: Params
+    orders: list[list[str]] = field(default_factory=list)
+    ops_per_s: dict[str, list[float]] = field(default_factory=dict)
+
+    def ratios(self, name: str) -> list[float]:
+        """Per-round throughput of ``name`` divided by the baseline's, same round."""
+        base = self.ops_per_s[self.baseline]
+        return [a / b for a, b in zip(self.ops_per_s[name], base, strict=True)]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "median_ops_per_s": statistics.median(values),
+                "min_ops_per_s": min(values),
+                "max_ops_per_s": max(values),
+                "ratio_to_baseline": statistics.median(self.ratios(name)),
+                "ratio_min": min(self.ratios(name)),
+                "ratio_max": max(self.ratios(name)),
+            }
+            for name, values in self.ops_per_s.items()
+        }
+
+
+# measuring -------------------------------------------------------------------------
+
+
+async def measure(
+    op: Callable[[], Awaitable[object]], *, tasks: int, seconds: float, ops: int | None = None
+) -> float:
+    """Run ``op`` in ``tasks`` concurrent loops; return completed ops per second.
+
+    The loops stop after ``seconds`` or, when ``ops`` is given, once ``ops`` operations
+    have been started. Elapsed time runs until the last loop finishes, so an
+    operation in flight at the deadline is counted and timed.
+    """
+    remaining = ops
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal remaining, done
+        while True:
+            if remaining is None:
+                if time.perf_counter() >= deadline:
+                    return
+            elif remaining <= 0:
+                return
+            else:
+                remaining -= 1
+            await op()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(tasks)))
+    return done / (time.perf_counter() - started)
+
+
+def rotated(items: Sequence[Contender], round_index: int) -> list[Contender]:
+    """``items`` rotated left by ``round_index``: A B C, B C A, C A B, ..."""
+    shift = round_index % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+async def run(
+    scenario: str, contenders: Sequence[Contender], baseline: str, params: Params
+) -> Report:
+    """Measure every contender once per round, in rotated order; return the numbers."""
+    if baseline not in {c.name for c in contenders}:
+        raise ValueError(f"baseline {baseline!r} is not among the contenders")
+    report = Report(scenario, baseline, params, ops_per_s={c.name: [] for c in contenders})
+    for index in range(params.rounds):
+        order = rotated(contenders, index)
+        report.orders.append([c.name for c in order])
+        for position, contender in enumerate(order, 1):
+            where = f"round {index + 1}/{params.rounds}  {position}/{len(order)} {contender.name}"
+            progress(f"{where}: warm-up")
+            if params.warmup > 0:
+                await measure(contender.op, tasks=params.tasks, seconds=params.warmup)
+            progress(f"{where}: measuring")
+            gc.collect()
+            rate = await measure(
+                contender.op, tasks=params.tasks, seconds=params.seconds, ops=params.ops
+            )
+            report.ops_per_s[contender.name].append(rate)
+            progress(f"{where}: {rate:,.0f} ops/s")
+    progress("")
+    return report
+
+
+def progress(message: str) -> None:
+    """Show one progress line on stderr, overwritten in place on a terminal."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\x1b[2K{message}")
+    elif message:
+        sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+
+
+# reporting -------------------------------------------------------------------------
+
+
+def format_table(report: Report) -> str:
+    """The summary as an aligned text table, baseline marked with ``*``."""
+    summary = report.summary()
+    header = ("contender", "median ops/s", "min..max ops/s", "ratio", "ratio min..max")
+    rows = [header]
+    for name, s in summary.items():
+        mark = " *" if name == report.baseline else ""
+        rows.append(
+            (
+                name + mark,
+                f"{s['median_ops_per_s']:,.0f}",
+                f"{s['min_ops_per_s']:,.0f}..{s['max_ops_per_s']:,.0f}",
+                f"{s['ratio_to_baseline']:.3f}",
+                f"{s['ratio_min']:.3f}..{s['ratio_max']:.3f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    p = report.params
+    amount = f"{p.ops} ops" if p.ops is not None else f"{p.seconds:g}s"
+    lines.append(
+        f"\n{report.scenario}: {p.rounds} rounds x {amount} per contender, {p.tasks} tasks, "
+        f"pool {p.pool_size}, {masked(p.url)}\n"
+        f"ratio = median over rounds of (contender / {report.baseline}) in the same round; "
+        "* = baseline"
+    )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": sys.version,
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def masked(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def write_json(report: Report, path: Path | None) -> Path:
+    """Write the raw numbers, summaries and machine info; return the file's path."""
+    now = datetime.now(UTC)
+    if path is None:
+        path = RESULTS_DIR / f"{report.scenario}-{now:%Y%m%dT%H%M%SZ}.json"
+    params = asdict(report.params) | {"url": masked(report.params.url)}
+    document = {
+        "scenario": report.scenario,
+        "created": now.isoformat(),
+        "machine": machine_info(),
+        "params": params,
+        "baseline": report.baseline,
+        "rounds": [
+            {
+                "order": order,
+                "ops_per_s": {name: report.ops_per_s[name][i] for name in order},
+            }
+            for i, order in enumerate(report.orders)
+        ],
+        "summary": report.summary(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+# command line ----------------------------------------------------------------------
+
+ContenderSource = Callable[[Params], AbstractAsyncContextManager[Sequence[Contender]]]
+
+
+def parse_args(scenario: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.bench_{scenario}",
+                                     description=description)
+    add = parser.add_argument
+    add("--rounds", type=int, default=7, help="rounds; each measures every contender once")
+    add("--seconds", type=float, default=2.0, help="measured seconds per contender per round")
+    add("--ops", type=int, default=None, help="fixed op count per round instead of --seconds")
+    add("--warmup", type=float, default=0.5, help="warm-up seconds before each measurement")
+    add("--tasks", type=int, default=10, help="concurrent asyncio tasks")
+    add("--pool-size", type=int, default=10, help="connection pool size of every contender")
+    add("--url", default=os.environ.get(URL_ENV) or DEFAULT_URL,
+        help=f"database URL (default: ${URL_ENV} or {DEFAULT_URL})")
+    add("--json", type=Path, default=None, dest="json_path",
+        help="results file (default: benchmarks/results/<scenario>-<timestamp>.json)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.tasks < 1 or args.pool_size < 1 or args.seconds <= 0:
+        parser.error("--rounds, --tasks and --pool-size must be >= 1, --seconds > 0")
+    if args.ops is not None and args.ops < args.tasks:
+        parser.error("--ops must be at least --tasks")
+    return args
+
+
+def main(
+    scenario: str,
+    description: str,
+    source: ContenderSource,
+    baseline: str,
+    argv: Sequence[str] | None = None,
+) -> Report:
+    """Parse the command line, run ``scenario``, print the table and write the JSON."""
+    args = parse_args(scenario, description, argv)
+    params = Params(
+        url=args.url,
+        rounds=args.rounds,
+        seconds=args.seconds,
+        ops=args.ops,
+        warmup=args.warmup,
+        tasks=args.tasks,
+        pool_size=args.pool_size,
+    )
+
+    async def go() -> Report:
+        async with source(params) as contenders:
+            return await run(scenario, contenders, baseline, params)
+
+    report = asyncio.run(go())
+    print(format_table(report))
+    print(f"results: {write_json(report, args.json_path)}")
+    return report

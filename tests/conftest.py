@@ -1,0 +1,134 @@
+"""Shared fixtures: one URL per backend, factories that are disposed, per-test tables.
+
+Every database behaviour runs against a SQLite file, SQLite in memory and PostgreSQL.
+PostgreSQL comes from SESSIONFORGE_TEST_POSTGRES_URL (default: the local server); when
+it cannot be reached the PostgreSQL cases are skipped, except under CI=true, where they
+fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import NullPool
+
+from sessionforge import FactoryConfig, SessionFactory
+
+from .models import Models, make_models
+
+DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+PG_URL = os.environ.get("SESSIONFORGE_TEST_POSTGRES_URL", DEFAULT_PG_URL)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+BACKENDS = [
+    pytest.param("sqlite-file", id="sqlite-file"),
+    pytest.param("sqlite-memory", id="sqlite-memory"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+def _postgres_reachable() -> str | None:
+    url = make_url(PG_URL)
+    try:
+        with socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=2):
+            return None
+    except OSError as exc:
+        return f"PostgreSQL at {url.render_as_string(hide_password=True)} unreachable: {exc}"
+
+
+def require_postgres() -> None:
+    """Skip (locally) or fail (CI=true) when the PostgreSQL server is not there."""
+    problem = _postgres_reachable()
+    if problem is None:
+        return
+    if IN_CI:
+        pytest.fail(f"{problem}; CI=true requires the PostgreSQL tests to run")
+    pytest.skip(problem)
+
+
+@pytest.fixture
+def pg_url() -> str:
+    require_postgres()
+    return PG_URL
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> str:
+    """A database URL for ``backend``, as a user would write it."""
+    if backend == "sqlite-file":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    if backend == "sqlite-memory":
+        return "sqlite://"
+    require_postgres()
+    return PG_URL
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A table-name prefix of this test's own (the PostgreSQL database is shared)."""
+    return f"sf_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def models(prefix: str) -> Models:
+    return make_models(prefix)
+
+
+FactoryMaker = Callable[..., SessionFactory[Any]]
+
+
+@pytest.fixture
+async def make_factory(db_url: str) -> AsyncIterator[FactoryMaker]:
+    """Build factories on this test's database; every one is disposed at teardown."""
+    made: list[SessionFactory[Any]] = []
+
+    def make(target: str | FactoryConfig | None = None, **options: Any) -> SessionFactory[Any]:
+        factory: SessionFactory[Any] = SessionFactory(target or db_url, **options)
+        made.append(factory)
+        return factory
+
+    yield make
+    for factory in made:
+        await factory.dispose()
+
+
+@pytest.fixture
+async def db(make_factory: FactoryMaker, models: Models) -> AsyncIterator[SessionFactory[Any]]:
+    """A factory with this test's tables created (and dropped again at teardown)."""
+    factory = make_factory()
+    async with factory.engine.begin() as connection:
+        await connection.run_sync(models.metadata.create_all)
+    yield factory
+    async with factory.engine.begin() as connection:
+        await connection.run_sync(models.metadata.drop_all)
+
+
+@pytest.fixture
+def outside(db: SessionFactory[Any]) -> Iterator[Engine]:
+    """An engine of its own (no pool, no presets) to look at the database from outside."""
+    engine = create_engine(sync_url(db.config), poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+def sync_url(config: FactoryConfig) -> URL:
+    return config.sync_url
+
+
+def count_rows(engine: Engine, table: str) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
