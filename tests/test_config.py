@@ -1,0 +1,279 @@
+"""FactoryConfig: URL rules, the closed option list, and every ConfigurationError path."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from sessionforge import (
+    DEFAULT_URL,
+    ConfigurationError,
+    FactoryConfig,
+    SessionFactory,
+    SyncSessionFactory,
+)
+
+# --- URL rules ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "async_driver", "sync_driver"),
+    [
+        pytest.param("postgres://u@h/d", "postgresql+asyncpg", "postgresql+psycopg", id="postgres"),
+        pytest.param("postgresql://u@h/d", "postgresql+asyncpg", "postgresql+psycopg", id="pg"),
+        pytest.param(
+            "postgresql+psycopg://u@h/d", "postgresql+psycopg", "postgresql+psycopg", id="psycopg"
+        ),
+        pytest.param("sqlite:///app.db", "sqlite+aiosqlite", "sqlite+pysqlite", id="sqlite"),
+        pytest.param(
+            "sqlite+aiosqlite:///app.db", "sqlite+aiosqlite", "sqlite+pysqlite", id="aiosqlite"
+        ),
+        pytest.param("mysql://u@h/d", "mysql+aiomysql", "mysql+pymysql", id="mysql"),
+        pytest.param("mysql+asyncmy://u@h/d", "mysql+asyncmy", "mysql+pymysql", id="asyncmy"),
+        pytest.param("mariadb://u@h/d", "mysql+aiomysql", "mysql+pymysql", id="mariadb"),
+    ],
+)
+def test_url_normalisation(given: str, async_driver: str, sync_driver: str) -> None:
+    config = FactoryConfig.from_url(given)
+    assert config.async_url.drivername == async_driver
+    assert config.sync_url.drivername == sync_driver
+    assert config.url.database == make_url(given).database
+
+
+@pytest.mark.parametrize("given", ["sqlite://", "sqlite:///:memory:", "sqlite+aiosqlite://"])
+def test_memory_sqlite_gets_one_shared_name_per_config(given: str) -> None:
+    first, second = FactoryConfig.from_url(given), FactoryConfig.from_url(given)
+    assert first.url.query == {"mode": "memory", "cache": "shared", "uri": "true"}
+    assert first.url.database != second.url.database
+    assert first.sync_url.database == first.url.database
+
+
+def test_sqlalchemy_url_objects_are_accepted() -> None:
+    url = make_url("postgresql://app:pw@db/shop")
+    assert FactoryConfig.from_url(url).async_url.drivername == "postgresql+asyncpg"
+
+
+def test_from_env_reads_the_variable_and_falls_back_to_embedded_sqlite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    default = FactoryConfig.from_env()
+    assert default.url == make_url(DEFAULT_URL)
+    assert default.url.database == "sessionforge.db"
+
+    monkeypatch.setenv("DATABASE_URL", "postgres://app@db/shop")
+    assert FactoryConfig.from_env().url.drivername == "postgresql+asyncpg"
+    monkeypatch.setenv("APP_DB", "sqlite:///other.db")
+    assert FactoryConfig.from_env("APP_DB", pool_size=2).pool_size == 2
+
+
+# --- bad URLs and drivers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("not a url", r"could not parse the database URL", id="malformed"),
+        pytest.param(
+            "postgresql://u:pw@host:notaport/db", r"could not parse the database URL", id="port"
+        ),
+        pytest.param("postgresql+nope://u@h/d", r"unknown driver 'nope'.*asyncpg", id="driver"),
+        pytest.param("oracel://u@h/d", r"unknown database dialect 'oracel'", id="dialect"),
+    ],
+)
+def test_bad_urls_raise_configuration_error(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        SessionFactory(url)
+
+
+def test_bad_url_message_never_shows_the_password() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        FactoryConfig.from_url("postgresql://app:hunter2@host:port/db")
+    assert "hunter2" not in str(raised.value)
+    assert "app:***@" in str(raised.value)
+
+
+def test_non_url_target_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="takes a URL string"):
+        SessionFactory(42)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("url", "suggestion"),
+    [
+        pytest.param("postgresql+psycopg2://u@h/d", "postgresql+asyncpg", id="psycopg2"),
+        pytest.param("postgresql+pg8000://u@h/d", "postgresql+asyncpg", id="pg8000"),
+        pytest.param("sqlite+pysqlite:///x.db", "sqlite+aiosqlite", id="pysqlite"),
+        pytest.param("mysql+pymysql://u@h/d", "mysql+aiomysql", id="pymysql"),
+        pytest.param("mysql+mysqldb://u@h/d", "mysql+aiomysql", id="mysqldb"),
+    ],
+)
+def test_sync_driver_given_to_async_factory(url: str, suggestion: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        SessionFactory(url)
+    message = str(raised.value)
+    assert "is a sync driver" in message
+    assert f"use {suggestion} with SessionFactory" in message
+    assert "SyncSessionFactory for sync code" in message
+
+
+def test_sync_driver_is_fine_for_the_sync_factory(tmp_path: Any) -> None:
+    sdb = SyncSessionFactory(f"sqlite+pysqlite:///{tmp_path / 'x.db'}")
+    assert sdb.url.drivername == "sqlite+pysqlite"
+    assert sdb.ping() >= 0
+    sdb.dispose()
+
+
+def test_missing_driver_names_the_package() -> None:
+    # aiomysql is a known async driver that this project does not install.
+    with pytest.raises(ConfigurationError, match=r"driver aiomysql .* not installed: pip install"):
+        SessionFactory("mysql+aiomysql://u@h/d")
+
+
+def test_missing_sync_twin_driver_names_the_package() -> None:
+    # asyncmy is not installed either, but the twin's driver (pymysql) is checked
+    # when the twin is first reached.
+    config = FactoryConfig.from_url("mysql+asyncmy://u@h/d")
+    with pytest.raises(ConfigurationError, match=r"sync twin's driver pymysql .* pip install"):
+        SyncSessionFactory(config)
+
+
+def test_sync_engine_given_to_async_factory_and_back() -> None:
+    sync_engine = create_engine("sqlite://")
+    async_engine = create_async_engine("sqlite+aiosqlite://")
+    with pytest.raises(ConfigurationError, match="needs an AsyncEngine, got Engine"):
+        SessionFactory(sync_engine)  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match="needs an Engine, got AsyncEngine"):
+        SyncSessionFactory(async_engine)  # type: ignore[call-overload]
+    sync_engine.dispose()
+    async_engine.sync_engine.dispose()
+
+
+# --- the closed option list -----------------------------------------------------------
+
+
+def test_unknown_option_suggests_the_right_name() -> None:
+    with pytest.raises(ConfigurationError, match=r"unknown option 'pool_sizes'; did you mean"):
+        SessionFactory("sqlite://", pool_sizes=3)  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match="bind is set by the factory"):
+        SessionFactory("sqlite://", bind=None)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"pool_size": "5"}, r"pool_size='5' \(str\).*an int >= 0", id="pool_size"),
+        pytest.param({"pool_size": -1}, r"an int >= 0", id="pool_size-negative"),
+        pytest.param({"max_overflow": 1.5}, r"an int >= -1", id="max_overflow"),
+        pytest.param({"pool_timeout": -1}, r"seconds >= 0", id="pool_timeout"),
+        pytest.param({"pool_recycle": "1h"}, r"an int >= -1", id="pool_recycle"),
+        pytest.param({"pool_use_lifo": 1}, r"True or False", id="lifo"),
+        pytest.param({"echo": "yes"}, r"True, False or 'debug'", id="echo"),
+        pytest.param({"connect_args": [1]}, r"a dict", id="connect_args"),
+        pytest.param({"engine_options": None}, r"a dict", id="engine_options"),
+        pytest.param({"autoflush": "no"}, r"True or False", id="autoflush"),
+        pytest.param({"expire_on_commit": None}, r"True or False", id="expire"),
+        pytest.param({"info": "x"}, r"a dict", id="info"),
+        pytest.param({"class_": dict}, r"subclass of sqlalchemy.*AsyncSession", id="class_"),
+        pytest.param({"sync_class_": AsyncSession}, r"subclass of .*\.Session", id="sync_class"),
+        pytest.param({"ping_after": "1s"}, r"seconds >= 0", id="ping_after"),
+        pytest.param({"pgbouncer": "on"}, r"True or False", id="pgbouncer"),
+        pytest.param({"application_name": 5}, r"a string or None", id="application_name"),
+        pytest.param({"sqlite_journal_mode": "fast"}, r"one of DELETE, MEMORY", id="journal"),
+        pytest.param({"sqlite_synchronous": "yes"}, r"one of EXTRA, FULL", id="synchronous"),
+        pytest.param({"sqlite_busy_timeout": "5"}, r"seconds >= 0", id="busy_timeout"),
+        pytest.param({"sqlite_foreign_keys": "on"}, r"True or False", id="foreign_keys"),
+        pytest.param({"sqlite_begin": "exclusive"}, r"one of deferred, immediate", id="begin"),
+        pytest.param({"isolation_level": 3}, r"a string or None", id="isolation-type"),
+        pytest.param(
+            {"isolation_level": "READ COMMITTED"},
+            r"not supported by sqlite; use one of AUTOCOMMIT, READ UNCOMMITTED, SERIALIZABLE",
+            id="isolation-sqlite",
+        ),
+        pytest.param(
+            {"engine_options": {"pool_size": 3}}, r"duplicates the option pool_size=", id="dup"
+        ),
+        pytest.param({"engine_options": {"creator": print}}, r"cannot be set", id="creator"),
+        pytest.param(
+            {"session_options": {"autoflush": False}}, r"duplicates the option", id="session-dup"
+        ),
+        pytest.param(
+            {"session_options": {"twophase_": True}}, r"unknown session argument", id="session"
+        ),
+        pytest.param({"pool_size": 3}, r"in-memory SQLite database lives in one", id="memory"),
+    ],
+)
+def test_ill_typed_options_raise_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        SessionFactory("sqlite://", **options)
+
+
+def test_connection_arguments_are_never_echoed() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        SessionFactory("sqlite://", connect_args="password=hunter2")  # type: ignore[arg-type]
+    assert "hunter2" not in str(raised.value)
+    assert "connect_args=... (str) is invalid: expected a dict" in str(raised.value)
+
+
+def test_isolation_levels_are_normalised_and_checked_per_dialect() -> None:
+    config = FactoryConfig.from_url("postgresql://h/d", isolation_level="repeatable_read")
+    assert config.isolation_level == "REPEATABLE READ"
+    with pytest.raises(ConfigurationError, match="not supported by postgresql"):
+        FactoryConfig.from_url("postgresql://h/d", isolation_level="SNAPSHOT")
+
+
+def test_engine_options_reach_the_engine(tmp_path: Any) -> None:
+    db = SessionFactory(
+        f"sqlite:///{tmp_path / 'x.db'}",
+        pool_size=2,
+        max_overflow=1,
+        pool_timeout=3,
+        engine_options={"pool_reset_on_return": "rollback"},
+    )
+    pool: Any = db.engine.pool
+    assert (pool.size(), pool._max_overflow, pool._timeout) == (2, 1, 3)
+
+
+def test_bad_engine_options_become_configuration_errors() -> None:
+    db = SessionFactory("sqlite://", engine_options={"no_such_engine_option": 1})
+    with pytest.raises(ConfigurationError, match="could not build an engine"):
+        db()
+
+
+def test_config_is_immutable_and_replace_validates() -> None:
+    config = FactoryConfig.from_url("sqlite://", info={"a": 1})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.pool_size = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.info["b"] = 2  # type: ignore[index]
+    assert config.replace(expire_on_commit=True).expire_on_commit is True
+    assert config.expire_on_commit is False
+    with pytest.raises(ConfigurationError, match="unknown option"):
+        config.replace(expire=True)
+    with pytest.raises(ConfigurationError, match="url must be a sqlalchemy URL"):
+        FactoryConfig(url="sqlite://")  # type: ignore[arg-type]
+
+
+def test_user_engine_is_used_as_given_and_refuses_engine_options() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")
+    with pytest.raises(ConfigurationError, match="pool_size shape.*given an engine"):
+        SessionFactory(engine, pool_size=3)
+    with pytest.raises(ConfigurationError, match="sqlite_begin shape"):
+        SessionFactory(engine, sqlite_begin="deferred")
+    db = SessionFactory(engine, expire_on_commit=True)
+    assert db.engine is engine
+    assert db.config.expire_on_commit is True
+    engine.sync_engine.dispose()
+
+
+def test_sync_url_without_known_partner_is_explained() -> None:
+    config = FactoryConfig.from_url("sqlite://").replace(url="postgresql+asyncpg://h/d")
+    assert config.sync_url.drivername == "postgresql+psycopg"
+    odd = dataclasses.replace(config, url=make_url("mssql+aioodbc://h/d"))
+    with pytest.raises(ConfigurationError, match="knows no sync driver to pair with mssql"):
+        _ = odd.sync_url
