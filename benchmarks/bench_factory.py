@@ -24,12 +24,16 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 
 import aiosqlite
 from sqlalchemy import insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sessionforge import SessionFactory
@@ -73,7 +77,7 @@ def sqlalchemy_contender(name: str, engine: AsyncEngine) -> Contender:
     return Contender(name, op)
 
 
-def sessionforge_contender(db: SessionFactory[Any]) -> Contender:
+def sessionforge_contender(db: SessionFactory[AsyncSession]) -> Contender:
     async def op() -> None:
         async with db.begin() as session:
             await session.get(Item, random_id())
@@ -136,24 +140,23 @@ async def drop_table(engine: AsyncEngine) -> None:
 @asynccontextmanager
 async def contenders(params: Params) -> AsyncIterator[Sequence[Contender]]:
     """Create the table, yield the contenders, then dispose of them and drop the table."""
-    url = params.url
-    pool = {"pool_size": params.pool_size, "max_overflow": 0}
+    url, size = params.url, params.pool_size
     async with AsyncExitStack() as stack:
-        bare = create_async_engine(url, **pool)
+        bare = create_async_engine(url, pool_size=size, max_overflow=0)
         stack.push_async_callback(bare.dispose)
         await create_table(bare)
         stack.push_async_callback(drop_table, bare)
-        pinged = create_async_engine(url, pool_pre_ping=True, **pool)
+        pinged = create_async_engine(url, pool_size=size, max_overflow=0, pool_pre_ping=True)
         stack.push_async_callback(pinged.dispose)
-        db: SessionFactory[Any] = SessionFactory(url, **pool)
+        db = SessionFactory(url, pool_size=size, max_overflow=0)
         stack.push_async_callback(db.dispose)
 
         backend = make_url(url).get_backend_name()
         chosen = [sessionforge_contender(db), sqlalchemy_contender(BASELINE, bare)]
         if backend == "postgresql":
-            chosen.append(await asyncpg_contender(url, params.pool_size, stack))
+            chosen.append(await asyncpg_contender(url, size, stack))
         elif backend == "sqlite":
-            chosen.append(await aiosqlite_contender(url, params.pool_size, stack))
+            chosen.append(await aiosqlite_contender(url, size, stack))
         chosen.append(sqlalchemy_contender("async_sessionmaker + pre_ping", pinged))
         yield chosen
 

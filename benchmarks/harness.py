@@ -143,10 +143,9 @@ async def run(
         report.orders.append([c.name for c in order])
         for position, contender in enumerate(order, 1):
             where = f"round {index + 1}/{params.rounds}  {position}/{len(order)} {contender.name}"
-            progress(f"{where}: warm-up")
+            progress(f"{where} ...")
             if params.warmup > 0:
                 await measure(contender.op, tasks=params.tasks, seconds=params.warmup)
-            progress(f"{where}: measuring")
             gc.collect()
             rate = await measure(
                 contender.op, tasks=params.tasks, seconds=params.seconds, ops=params.ops
@@ -257,8 +256,11 @@ ContenderSource = Callable[[Params], AbstractAsyncContextManager[Sequence[Conten
 
 
 def parse_args(scenario: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.bench_{scenario}",
-                                     description=description)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.bench_{scenario}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add = parser.add_argument
     add("--rounds", type=int, default=7, help="rounds; each measures every contender once")
     add("--seconds", type=float, default=2.0, help="measured seconds per contender per round")
@@ -266,10 +268,18 @@ def parse_args(scenario: str, description: str, argv: Sequence[str] | None) -> a
     add("--warmup", type=float, default=0.5, help="warm-up seconds before each measurement")
     add("--tasks", type=int, default=10, help="concurrent asyncio tasks")
     add("--pool-size", type=int, default=10, help="connection pool size of every contender")
-    add("--url", default=os.environ.get(URL_ENV) or DEFAULT_URL,
-        help=f"database URL (default: ${URL_ENV} or {DEFAULT_URL})")
-    add("--json", type=Path, default=None, dest="json_path",
-        help="results file (default: benchmarks/results/<scenario>-<timestamp>.json)")
+    add(
+        "--url",
+        default=os.environ.get(URL_ENV) or DEFAULT_URL,
+        help=f"database URL (default: ${URL_ENV} or {DEFAULT_URL})",
+    )
+    add(
+        "--json",
+        type=Path,
+        default=None,
+        dest="json_path",
+        help="results file (default: benchmarks/results/<scenario>-<timestamp>.json)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.tasks < 1 or args.pool_size < 1 or args.seconds <= 0:
         parser.error("--rounds, --tasks and --pool-size must be >= 1, --seconds > 0")

@@ -246,11 +246,14 @@ def _check_choice(choices: frozenset[str], *, optional: bool) -> Callable[[str, 
 
 
 def _ill_typed(name: str, value: Any, expected: str) -> ConfigurationError:
-    shown = "***" if _SECRET_KEY.search(name) else repr(value)
+    # Connection arguments may carry credentials: never echo them.
+    shown = "..." if name in _MAY_HOLD_SECRETS or _SECRET_KEY.search(name) else repr(value)
     return ConfigurationError(
         f"option {name}={shown} ({type(value).__name__}) is invalid: expected {expected}"
     )
 
+
+_MAY_HOLD_SECRETS: Final = frozenset({"connect_args", "sync_connect_args", "engine_options"})
 
 _CHECKS: Final[Mapping[str, Callable[[str, Any], None]]] = {
     "pool_size": _check_int(0),

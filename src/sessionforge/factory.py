@@ -117,6 +117,8 @@ class SessionFactory(Generic[_AS]):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout), engine.connect() as connection:
+                # AUTOCOMMIT: one round trip, no BEGIN/ROLLBACK around the SELECT.
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
                 await connection.exec_driver_sql("SELECT 1")
         except (DBAPIError, OSError, TimeoutError) as exc:
             raise unavailable(engine.url, exc, timeout) from exc

@@ -115,6 +115,8 @@ class SyncSessionFactory(Generic[_S]):
         started = time.perf_counter()
         try:
             with engine.connect() as connection:
+                # AUTOCOMMIT: one round trip, no BEGIN/ROLLBACK around the SELECT.
+                connection.execution_options(isolation_level="AUTOCOMMIT")
                 connection.exec_driver_sql("SELECT 1")
         except (DBAPIError, OSError, TimeoutError) as exc:
             raise unavailable(engine.url, exc, None) from exc

@@ -1,0 +1,69 @@
+"""The public surface is curated: nothing becomes public by accident."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sessionforge
+from sessionforge import errors
+
+EXPECTED = [
+    "DEFAULT_URL",
+    "AsyncBeginContext",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "EngineStatus",
+    "FactoryConfig",
+    "FactoryOptions",
+    "FactoryStatus",
+    "NoCurrentSessionError",
+    "RetryExhaustedError",
+    "SessionFactory",
+    "SessionForgeError",
+    "SyncBeginContext",
+    "SyncSessionFactory",
+    "TransactionTimeoutError",
+    "errors",
+]
+
+
+def test_exported_names() -> None:
+    assert sessionforge.__all__ == EXPECTED
+    for name in EXPECTED:
+        assert getattr(sessionforge, name) is not None
+
+
+def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
+    kin = {
+        errors.ConfigurationError: ValueError,
+        errors.DatabaseUnavailableError: ConnectionError,
+        errors.ConcurrentSessionUseError: RuntimeError,
+        errors.NoCurrentSessionError: LookupError,
+        errors.TransactionTimeoutError: TimeoutError,
+        errors.RetryExhaustedError: Exception,
+    }
+    assert sorted(errors.__all__) == sorted([*(c.__name__ for c in kin), "SessionForgeError"])
+    for error, base in kin.items():
+        assert issubclass(error, errors.SessionForgeError)
+        assert issubclass(error, base)
+        assert error.__doc__ and error.__doc__.startswith("Raised when")
+
+
+def test_retry_exhausted_carries_the_last_error() -> None:
+    last = TimeoutError("serialization failure")
+    error = errors.RetryExhaustedError("gave up", last_error=last, attempts=6)
+    assert (error.last_error, error.attempts) == (last, 6)
+
+
+def test_import_does_not_pull_in_web_frameworks_or_pytest() -> None:
+    code = (
+        "import sys, sessionforge; "
+        "bad = [m for m in ('fastapi', 'starlette', 'pytest', 'asyncpg', 'psycopg') "
+        "if m in sys.modules]; print(bad)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
