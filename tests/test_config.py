@@ -24,7 +24,9 @@ from sessionforge import (
 @pytest.mark.parametrize(
     ("given", "async_driver", "sync_driver"),
     [
-        pytest.param("postgres://u@h/d", "postgresql+asyncpg", "postgresql+psycopg", id="postgres"),
+        pytest.param(
+            "postgres://u@h/d", "postgresql+asyncpg", "postgresql+psycopg", id="postgres"
+        ),
         pytest.param("postgresql://u@h/d", "postgresql+asyncpg", "postgresql+psycopg", id="pg"),
         pytest.param(
             "postgresql+psycopg://u@h/d", "postgresql+psycopg", "postgresql+psycopg", id="psycopg"
@@ -215,7 +217,7 @@ def test_ill_typed_options_raise_at_construction(options: dict[str, Any], messag
 
 def test_connection_arguments_are_never_echoed() -> None:
     with pytest.raises(ConfigurationError) as raised:
-        SessionFactory("sqlite://", connect_args="password=hunter2")  # type: ignore[arg-type]
+        SessionFactory("sqlite://", connect_args="password=hunter2")  # type: ignore[call-overload]
     assert "hunter2" not in str(raised.value)
     assert "connect_args=... (str) is invalid: expected a dict" in str(raised.value)
 
@@ -261,7 +263,7 @@ def test_config_is_immutable_and_replace_validates() -> None:
 
 def test_user_engine_is_used_as_given_and_refuses_engine_options() -> None:
     engine = create_async_engine("sqlite+aiosqlite://")
-    with pytest.raises(ConfigurationError, match="pool_size shape.*given an engine"):
+    with pytest.raises(ConfigurationError, match=r"pool_size shape.*given an engine"):
         SessionFactory(engine, pool_size=3)
     with pytest.raises(ConfigurationError, match="sqlite_begin shape"):
         SessionFactory(engine, sqlite_begin="deferred")

@@ -48,7 +48,8 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
     for error, base in kin.items():
         assert issubclass(error, errors.SessionForgeError)
         assert issubclass(error, base)
-        assert error.__doc__ and error.__doc__.startswith("Raised when")
+        assert error.__doc__
+        assert error.__doc__.startswith("Raised when")
 
 
 def test_retry_exhausted_carries_the_last_error() -> None:
