@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import dialects
@@ -206,7 +206,7 @@ def format_demo(result: DemoResult) -> list[str]:
     """The lines of the demo's report, verdict last."""
     reconciled = result.accounts - result.mismatched_accounts
     lines = [
-        f"url:         {result.url} ({result.dialect}+{result.driver})",
+        f"url:         {result.url}",
         f"committed:   {result.committed} of {result.attempted} transfers "
         f"({result.failed} failed)",
         f"log rows:    {result.logged}",
@@ -223,6 +223,11 @@ def format_demo(result: DemoResult) -> list[str]:
             f"INVARIANT HOLDS: total {result.final_total} == {result.expected_total}, "
             f"{result.committed} committed == {result.logged} logged, every account reconciles"
         )
+        if result.mode == "plain":
+            lines.append(
+                "(the workload locks both rows with SELECT ... FOR UPDATE, which is enough "
+                f"on {result.dialect} without sessionforge's presets)"
+            )
     else:
         lines.append("INVARIANT BROKEN:")
         lines.extend(f"  - {problem}" for problem in result.problems())
@@ -366,8 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _scrubbed(exc: BaseException, args: argparse.Namespace) -> str:
-    """``_one_line(exc)`` with the password of the URL the user gave replaced by ***."""
-    text = f"{type(exc).__name__}: {_one_line(exc)}"
+    """The driver's error on one line, with the password of the user's URL as ***."""
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = f"{type(original).__name__}: {_one_line(original)}"
     raw = args.url or os.environ.get("DATABASE_URL") or ""
     try:
         password = FactoryConfig.from_url(raw).url.password if raw else None

@@ -356,7 +356,7 @@ async def _run_workers(
 
 async def _create_schema(engine: AsyncEngine, models: DemoModels, accounts: int) -> None:
     """Drop and recreate the demo tables, then seed the accounts."""
-    async with asyncio.timeout(_SETUP_TIMEOUT), engine.begin() as connection:
+    async with engine.begin() as connection:
         await connection.run_sync(models.metadata.drop_all)
         await connection.run_sync(models.metadata.create_all)
         rows = [{"id": i, "balance": INITIAL_BALANCE} for i in range(1, accounts + 1)]
@@ -374,7 +374,7 @@ async def _final_state(engine: AsyncEngine, models: DemoModels) -> _FinalState:
     """Read the balances and the log, and reconcile every account against the log."""
     account, log = models.account, models.transfer
     async with engine.connect() as connection:
-        balances = dict(await connection.execute(select(account.id, account.balance)))
+        balances = dict((await connection.execute(select(account.id, account.balance))).all())
         logged = (await connection.execute(select(func.count()).select_from(log))).scalar_one()
         sent = await _sums_by(connection, log.source_id, log.amount)
         received = await _sums_by(connection, log.target_id, log.amount)
@@ -490,11 +490,17 @@ async def run_demo(settings: DemoSettings, progress: ProgressCallback | None = N
 
 
 async def _setup(engine: AsyncEngine, models: DemoModels, settings: DemoSettings) -> None:
-    """Create the schema, turning a connection failure into ``DatabaseUnavailableError``."""
+    """Connect once, then create the schema.
+
+    Only the first connection's failure means the database is unavailable; an error of
+    the DDL itself (say, no CREATE privilege) propagates as the SQLAlchemy error it is.
+    """
     try:
-        await _create_schema(engine, models, settings.accounts)
+        async with asyncio.timeout(_SETUP_TIMEOUT), engine.connect():
+            pass
     except (DBAPIError, OSError, TimeoutError) as exc:
         raise unavailable(engine.url, exc, _SETUP_TIMEOUT) from exc
+    await _create_schema(engine, models, settings.accounts)
 
 
 def _check_settings(settings: DemoSettings) -> None:

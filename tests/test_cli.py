@@ -1,0 +1,449 @@
+"""Tests of the ``sessionforge`` command (``check`` and ``demo``) and of ``demo.py``.
+
+Most tests call ``main([...])`` in-process; a few run ``python -m sessionforge`` to see
+what a user sees: the exit code and that no traceback or password reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sessionforge import SessionFactory
+from sessionforge.cli import ProgressLine, format_demo, main
+from sessionforge.core import FactoryStatus
+from sessionforge.demo import DemoProgress, DemoResult, DemoSettings, build_models, run_demo
+from sessionforge.engines import EngineStatus
+from sessionforge.errors import DatabaseUnavailableError
+
+SECRET = "s3cret"
+UNREACHABLE = f"postgresql://u:{SECRET}@127.0.0.1:1/x"
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+# helpers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test in its own directory, without the caller's DATABASE_URL."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+
+def run_module(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m sessionforge args`` and return (exit code, stdout, stderr)."""
+    environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    environment.update(env or {})
+    done = subprocess.run(
+        [sys.executable, "-m", "sessionforge", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(err: str, command: str) -> str:
+    """``err`` is exactly one ``sessionforge <command>: ...`` line; return it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"sessionforge {command}: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+# check -------------------------------------------------------------------------------
+
+
+def test_check_sqlite_file_describes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", sqlite_url(tmp_path / "check.db")]) == 0
+
+    out = capsys.readouterr().out
+    assert f"url:      sqlite+aiosqlite:///{tmp_path / 'check.db'} (command line)" in out
+    assert "dialect:  sqlite\n" in out
+    assert "driver:   aiosqlite\n" in out
+    assert "server:   sqlite 3." in out
+    assert "begin=immediate" in out
+    assert "journal_mode=WAL" in out
+    assert "pool:     AsyncAdaptedQueuePool size=5 max_overflow=10 timeout=30s" in out
+    assert "ping:     " in out
+    assert " ms\n" in out
+
+
+def test_check_defaults_to_the_embedded_sqlite_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check"]) == 0
+
+    assert "sqlite+aiosqlite:///sessionforge.db (embedded default)" in capsys.readouterr().out
+    assert (tmp_path / "sessionforge.db").exists()
+
+
+def test_check_reads_database_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", sqlite_url(tmp_path / "env.db"))
+
+    assert main(["check"]) == 0
+
+    assert f"{tmp_path / 'env.db'} (DATABASE_URL)" in capsys.readouterr().out
+
+
+def test_check_unreachable_server_exits_1_without_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--timeout", "5", UNREACHABLE]) == 1
+
+    captured = capsys.readouterr()
+    line = assert_one_line_error(captured.err, "check")
+    assert "cannot reach the database at postgresql+asyncpg://u:***@127.0.0.1:1/x" in line
+    assert SECRET not in captured.out + captured.err
+
+
+def test_check_unreachable_from_the_environment_in_a_subprocess(tmp_path: Path) -> None:
+    code, out, err = run_module(
+        "check", "--timeout", "5", cwd=tmp_path, env={"DATABASE_URL": UNREACHABLE}
+    )
+
+    assert code == 1
+    assert_one_line_error(err, "check")
+    assert SECRET not in out + err
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        pytest.param("not a url", "could not parse the database URL", id="malformed"),
+        pytest.param(
+            f"postgresql://u:{SECRET}@127.0.0.1:notaport/x",
+            "could not parse the database URL",
+            id="bad-port",
+        ),
+        pytest.param(
+            f"postgresql+nope://u:{SECRET}@127.0.0.1/x",
+            "unknown driver 'nope' for postgresql",
+            id="unknown-driver",
+        ),
+        pytest.param(
+            f"nosuchdb://u:{SECRET}@h/x", "unknown database dialect", id="unknown-dialect"
+        ),
+        pytest.param(
+            f"postgresql+psycopg2://u:{SECRET}@127.0.0.1/x",
+            "postgresql+psycopg2 is a sync driver",
+            id="sync-driver",
+        ),
+    ],
+)
+def test_check_configuration_errors_exit_2_with_one_line(
+    url: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", url]) == 2
+
+    captured = capsys.readouterr()
+    assert reason in assert_one_line_error(captured.err, "check")
+    assert SECRET not in captured.out + captured.err
+
+
+def test_python_m_sessionforge_check_in_a_subprocess(tmp_path: Path) -> None:
+    code, out, err = run_module("check", sqlite_url(tmp_path / "sub.db"), cwd=tmp_path)
+
+    assert code == 0, err
+    assert "dialect:  sqlite" in out
+    assert err == ""
+
+
+def test_sync_driver_in_a_subprocess_is_one_line_exit_2(tmp_path: Path) -> None:
+    code, out, err = run_module("check", f"postgresql+psycopg2://u:{SECRET}@h/x", cwd=tmp_path)
+
+    assert code == 2
+    assert_one_line_error(err, "check")
+    assert SECRET not in out + err
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: sessionforge" in capsys.readouterr().err
+
+
+# demo on SQLite ----------------------------------------------------------------------
+
+
+def test_demo_on_the_embedded_file_keeps_the_invariant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--workers", "4", "--transfers", "25", "--seed", "1"]) == 0
+
+    out = capsys.readouterr().out
+    assert "committed:   100 of 100 transfers (0 failed)" in out
+    assert "log rows:    100" in out
+    assert "total:       20000 (expected 20000 = 20 x 1000)" in out
+    assert "reconciled:  20 of 20 accounts" in out
+    assert "INVARIANT HOLDS" in out
+    assert "transfers/s" in out
+    assert "pool:        AsyncAdaptedQueuePool" in out
+    assert (tmp_path / "sessionforge-demo.db").exists()
+
+
+async def test_run_demo_returns_a_consistent_result_under_contention(tmp_path: Path) -> None:
+    # Three accounts, eight workers: nearly every pair of transfers collides.
+    seen: list[DemoProgress] = []
+    settings = DemoSettings(
+        url=sqlite_url(tmp_path / "hot.db"), workers=8, transfers=25, accounts=3, seed=7
+    )
+
+    result = await run_demo(settings, seen.append)
+
+    assert result.problems() == []
+    assert result.invariant_holds
+    assert (result.committed, result.failed, result.logged) == (200, 0, 200)
+    assert result.final_total == result.expected_total == 3000
+    assert result.mismatched_accounts == 0
+    assert result.pool.checked_out == 0
+    assert result.throughput > 0
+    assert seen[-1] == DemoProgress(done=200, failed=0, total=200, elapsed=seen[-1].elapsed)
+
+
+def test_demo_runs_twice_on_the_same_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Tables are dropped and recreated, so a second run starts from 20 x 1000 again.
+    args = ["demo", "--url", sqlite_url(tmp_path / "again.db"), "--workers", "2"]
+    assert main([*args, "--transfers", "10"]) == 0
+    assert main([*args, "--transfers", "5"]) == 0
+
+    out = capsys.readouterr().out
+    assert out.count("INVARIANT HOLDS") == 2
+    assert "committed:   10 of 10" in out
+
+
+def test_demo_plain_reports_the_outcome_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    # Bare aiosqlite may or may not lose updates in a short run; either way the
+    # numbers are reported and the exit code is 0.
+    assert main(["demo", "--plain", "--workers", "4", "--transfers", "25", "--accounts", "3"]) == 0
+
+    out = capsys.readouterr().out
+    assert "bare SQLAlchemy async_sessionmaker" in out
+    assert "(expected 3000 = 3 x 1000)" in out
+    assert ("INVARIANT HOLDS" in out) != ("INVARIANT BROKEN" in out)
+
+
+def _result(*, plain: bool, final_total: int) -> DemoResult:
+    engine = EngineStatus("async", "sqlite+aiosqlite:///x.db", "AsyncAdaptedQueuePool", 5, 5, 0, 0)
+    return DemoResult(
+        mode="plain" if plain else "sessionforge",
+        url="sqlite+aiosqlite:///x.db",
+        dialect="sqlite",
+        driver="aiosqlite",
+        workers=2,
+        accounts=2,
+        attempted=10,
+        committed=9,
+        failed=1,
+        logged=9,
+        expected_total=2000,
+        final_total=final_total,
+        mismatched_accounts=0 if final_total == 2000 else 2,
+        elapsed=1.0,
+        pool=FactoryStatus(checked_out=0, engines=(engine,)),
+        peak_checked_out=2,
+        errors={"OperationalError: database is locked": 1},
+    )
+
+
+@pytest.mark.parametrize(("plain", "code"), [(False, 1), (True, 0)])
+def test_a_broken_invariant_is_reported(
+    plain: bool, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(settings: DemoSettings, progress: object = None) -> DemoResult:
+        return _result(plain=settings.plain, final_total=1900)
+
+    monkeypatch.setattr("sessionforge.cli.run_demo", broken)
+
+    assert main(["demo", *(["--plain"] if plain else [])]) == code
+
+    out = capsys.readouterr().out
+    assert "INVARIANT BROKEN:" in out
+    assert "total balance is 1900, expected 2000 (off by -100)" in out
+    assert "2 of 2 account balances disagree" in out
+    assert "1 x OperationalError: database is locked" in out
+
+
+def test_format_demo_counts_committed_against_logged() -> None:
+    result = _result(plain=False, final_total=2000)
+    lost = dataclasses.replace(result, logged=8)
+
+    assert "INVARIANT HOLDS" in format_demo(result)[-1]
+    assert "  - 9 transfers committed but 8 are in the log" in format_demo(lost)
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--workers", "0"], "workers must be at least 1"),
+        (["--accounts", "1"], "accounts must be at least 2"),
+        (["--table-prefix", "no-dashes"], "table prefix 'no-dashes'"),
+        (["--url", f"postgresql+psycopg2://u:{SECRET}@h/x"], "is a sync driver"),
+        (["--url", "not a url"], "could not parse the database URL"),
+    ],
+)
+def test_demo_configuration_errors_exit_2(
+    args: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *args]) == 2
+
+    captured = capsys.readouterr()
+    assert reason in assert_one_line_error(captured.err, "demo")
+    assert SECRET not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_demo_unreachable_server_exits_1_without_the_password(
+    plain: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--url", UNREACHABLE, *(["--plain"] if plain else [])]) == 1
+
+    captured = capsys.readouterr()
+    assert "cannot reach the database" in assert_one_line_error(captured.err, "demo")
+    assert SECRET not in captured.out + captured.err
+
+
+async def test_run_demo_raises_database_unavailable() -> None:
+    with pytest.raises(DatabaseUnavailableError, match=r"u:\*\*\*@127\.0\.0\.1:1"):
+        await run_demo(DemoSettings(url=UNREACHABLE))
+
+
+# progress ------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal() -> None:
+    stream = _Terminal()
+    progress = ProgressLine(stream)
+
+    progress(DemoProgress(done=1000, failed=0, total=2000, elapsed=2.0))
+    progress(DemoProgress(done=2000, failed=1, total=2000, elapsed=4.0))
+    progress.finish()
+
+    text = stream.getvalue()
+    assert text.startswith("\r1000/2000 transfers, 0 failed, 500 tx/s, 2.0 s")
+    assert "\r2000/2000 transfers, 1 failed, 500 tx/s, 4.0 s" in text
+    assert text.count("\n") == 1
+    assert text.endswith("\n")
+
+
+def test_progress_prints_lines_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = ProgressLine(stream)
+
+    progress(DemoProgress(done=10, failed=0, total=20, elapsed=0.5))
+    progress(DemoProgress(done=20, failed=0, total=20, elapsed=1.0))
+    progress.finish()
+
+    assert stream.getvalue().splitlines() == [
+        "  10/20 transfers, 0 failed, 20 tx/s, 0.5 s",
+        "  20/20 transfers, 0 failed, 20 tx/s, 1.0 s",
+    ]
+
+
+# PostgreSQL --------------------------------------------------------------------------
+
+
+async def _unreachable_reason(url: str) -> str | None:
+    """``None`` when ``url`` answers a ping, else why not."""
+    db = SessionFactory(url)
+    try:
+        await db.ping(timeout=5)
+    except DatabaseUnavailableError as exc:
+        return str(exc)
+    finally:
+        await db.dispose()
+    return None
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The test server's URL; skip when it is down, unless CI=true says it must be up."""
+    url = os.environ.get("SESSIONFORGE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    reason = asyncio.run(_unreachable_reason(url))
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required when CI=true: {reason}")
+        pytest.skip(f"PostgreSQL is not reachable: {reason}")
+    return url
+
+
+@pytest.fixture
+def table_prefix(postgres_url: str) -> Iterator[str]:
+    """A prefix no other test run uses; its tables are dropped afterwards."""
+    prefix = f"sf_demo_test_{uuid.uuid4().hex[:8]}"
+    yield prefix
+    db = SessionFactory(postgres_url)
+    with db.sync.engine.begin() as connection:
+        build_models(prefix).metadata.drop_all(connection)
+    db.sync.dispose()
+
+
+@pytest.mark.postgres
+def test_check_postgres(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", postgres_url]) == 0
+
+    out = capsys.readouterr().out
+    assert "dialect:  postgresql" in out
+    assert "server:   postgresql " in out
+    assert "pgbouncer=False" in out
+
+
+@pytest.mark.postgres
+def test_demo_on_postgres_keeps_the_invariant(
+    postgres_url: str, table_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Three accounts make most transfers collide: without FOR UPDATE this loses updates.
+    args = ["--workers", "8", "--transfers", "25", "--accounts", "3"]
+    assert main(["demo", "--url", postgres_url, "--table-prefix", table_prefix, *args]) == 0
+
+    out = capsys.readouterr().out
+    assert "committed:   200 of 200 transfers (0 failed)" in out
+    assert "total:       3000 (expected 3000 = 3 x 1000)" in out
+    assert "INVARIANT HOLDS" in out
+
+
+@pytest.mark.postgres
+async def test_run_demo_on_postgres_plain_and_sessionforge(
+    postgres_url: str, table_prefix: str
+) -> None:
+    for plain in (False, True):
+        settings = DemoSettings(
+            url=postgres_url,
+            workers=6,
+            transfers=20,
+            accounts=4,
+            table_prefix=table_prefix,
+            plain=plain,
+        )
+        result = await run_demo(settings)
+        assert result.problems() == [], result
+        assert (result.committed, result.logged, result.final_total) == (120, 120, 4000)
+        assert result.pool.checked_out == 0
