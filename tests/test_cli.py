@@ -247,7 +247,17 @@ def test_demo_plain_reports_the_outcome_and_exits_0(capsys: pytest.CaptureFixtur
 
 
 def _result(*, plain: bool, final_total: int) -> DemoResult:
-    engine = EngineStatus("async", "sqlite+aiosqlite:///x.db", "AsyncAdaptedQueuePool", 5, 5, 0, 0)
+    engine = EngineStatus(
+        role="async",
+        url="sqlite+aiosqlite:///x.db",
+        pool="AsyncAdaptedQueuePool",
+        size=5,
+        max_overflow=10,
+        timeout=30.0,
+        checked_in=5,
+        checked_out=0,
+        overflow=0,
+    )
     return DemoResult(
         mode="plain" if plain else "sessionforge",
         url="sqlite+aiosqlite:///x.db",

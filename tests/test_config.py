@@ -100,6 +100,13 @@ def test_bad_url_message_never_shows_the_password() -> None:
     assert "app:***@" in str(raised.value)
 
 
+def test_unencoded_at_in_password_is_refused_without_leaking_it() -> None:
+    with pytest.raises(ConfigurationError, match="percent-encode an '@'") as raised:
+        SessionFactory("postgresql://app:p@ss@db.internal/shop")
+    assert "ss" not in str(raised.value).replace("password", "").replace("percent", "")
+    assert SessionFactory("postgresql://app:p%40ss@db.internal/shop").url.password == "p@ss"
+
+
 def test_non_url_target_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="takes a URL string"):
         SessionFactory(42)  # type: ignore[call-overload]

@@ -23,6 +23,7 @@ from . import dialects
 from .config import DEFAULT_URL, FactoryConfig, mask_url
 from .core import FactoryStatus
 from .demo import DEFAULT_DEMO_URL, DemoProgress, DemoResult, DemoSettings, run_demo
+from .engines import EngineStatus, engine_status
 from .errors import ConfigurationError, DatabaseUnavailableError, SessionForgeError
 from .factory import SessionFactory
 
@@ -42,16 +43,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 @dataclass(frozen=True, slots=True)
-class PoolSettings:
-    """The pool an engine ended up with (``None`` where the pool class has no such thing)."""
-
-    pool_class: str
-    size: int | None
-    max_overflow: int | None
-    timeout: float | None
-
-
-@dataclass(frozen=True, slots=True)
 class CheckReport:
     """Everything ``sessionforge check`` prints about a reachable database."""
 
@@ -61,7 +52,7 @@ class CheckReport:
     driver: str
     server_version: str
     presets: dict[str, Any]
-    pool: PoolSettings
+    pool: EngineStatus
     ping_seconds: float
 
 
@@ -89,7 +80,7 @@ async def gather_check(url: str | None, timeout: float) -> CheckReport:  # noqa:
             driver=engine.dialect.driver,
             server_version=_server_version(engine),
             presets=dialects.describe_presets(db.config, db.url),
-            pool=_pool_settings(engine),
+            pool=engine_status("async", engine.sync_engine),
             ping_seconds=seconds,
         )
 
@@ -98,22 +89,6 @@ def _server_version(engine: AsyncEngine) -> str:
     """The server's version as the dialect read it on first connect (after a ping)."""
     info = engine.dialect.server_version_info
     return ".".join(str(part) for part in info) if info else "unknown"
-
-
-def _pool_settings(engine: AsyncEngine) -> PoolSettings:
-    """Read the pool's settings; SQLAlchemy exposes no public max_overflow accessor."""
-    pool: Any = engine.pool
-
-    def call(name: str) -> Any:
-        method = getattr(pool, name, None)
-        return method() if callable(method) else None
-
-    return PoolSettings(
-        pool_class=type(pool).__name__,
-        size=call("size"),
-        max_overflow=getattr(pool, "_max_overflow", None),
-        timeout=call("timeout"),
-    )
 
 
 def format_check(report: CheckReport) -> list[str]:
@@ -126,7 +101,7 @@ def format_check(report: CheckReport) -> list[str]:
         f"driver:   {report.driver}",
         f"server:   {report.dialect} {report.server_version}",
         f"presets:  {presets or 'none'}",
-        f"pool:     {pool.pool_class} size={_figure(pool.size)} "
+        f"pool:     {pool.pool} size={_figure(pool.size)} "
         f"max_overflow={_figure(pool.max_overflow)} timeout={_figure(pool.timeout)}s",
         f"ping:     {report.ping_seconds * 1000:.1f} ms",
         "ok",

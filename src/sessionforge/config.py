@@ -136,6 +136,7 @@ def parse_url(raw: str | URL) -> URL:
     if isinstance(raw, URL):
         url = raw
     elif isinstance(raw, str):
+        _check_unencoded_at(raw)
         try:
             url = make_url(raw.strip())
         except (ArgumentError, ValueError) as exc:
@@ -160,6 +161,20 @@ def parse_url(raw: str | URL) -> URL:
     if dialects.is_sqlite(url):
         url = dialects.normalise_memory_sqlite(url)
     return url
+
+
+def _check_unencoded_at(raw: str) -> None:
+    # "u:p@ss@host" would be split at the first "@", leaking part of the password
+    # into the host name (and into every message that shows the URL).
+    _, sep, rest = raw.partition("://")
+    authority = rest.split("/", 1)[0] if sep else ""
+    if authority.count("@") > 1:
+        user = authority.split(":", 1)[0]
+        raise ConfigurationError(
+            f"the database URL for user {user!r} has more than one '@' before the host: "
+            "percent-encode an '@' in the password as %40 "
+            "(urllib.parse.quote_plus(password))"
+        )
 
 
 def _unknown_driver_message(url: URL) -> str:

@@ -31,7 +31,7 @@ from .engines import EngineStatus, build_async_engine, build_sync_engine, engine
 from .errors import ConfigurationError, DatabaseUnavailableError
 from .session import make_session_classes
 
-__all__ = ["FactoryCore", "FactoryStatus"]
+__all__ = ["FactoryCore", "FactoryStatus", "resolve_target", "unavailable"]
 
 _AS = TypeVar("_AS", bound=AsyncSession)
 

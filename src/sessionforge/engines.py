@@ -123,6 +123,8 @@ class EngineStatus:
     url: str
     pool: str
     size: int | None
+    max_overflow: int | None
+    timeout: float | None
     checked_in: int | None
     checked_out: int
     overflow: int | None
@@ -136,11 +138,15 @@ def engine_status(role: str, engine: Engine) -> EngineStatus:
         method = getattr(pool, name, None)
         return int(method()) if callable(method) else None
 
+    timeout = getattr(pool, "timeout", None)
     return EngineStatus(
         role=role,
         url=mask_url(engine.url),
         pool=type(pool).__name__,
         size=figure("size"),
+        # QueuePool has no public accessor for its overflow limit (SQLAlchemy 2.1).
+        max_overflow=getattr(pool, "_max_overflow", None),
+        timeout=float(timeout()) if callable(timeout) else None,
         checked_in=figure("checkedin"),
         checked_out=figure("checkedout") or 0,
         overflow=figure("overflow"),
