@@ -18,6 +18,8 @@ EXPECTED = [
     "FactoryConfig",
     "FactoryOptions",
     "FactoryStatus",
+    "HookError",
+    "NestedTransactionError",
     "NoCurrentSessionError",
     "RetryExhaustedError",
     "SessionFactory",
@@ -25,7 +27,10 @@ EXPECTED = [
     "SyncBeginContext",
     "SyncSessionFactory",
     "TransactionTimeoutError",
+    "after_rollback",
     "errors",
+    "hook_errors",
+    "on_commit",
 ]
 
 
@@ -41,6 +46,7 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
         errors.DatabaseUnavailableError: ConnectionError,
         errors.ConcurrentSessionUseError: RuntimeError,
         errors.NoCurrentSessionError: LookupError,
+        errors.NestedTransactionError: RuntimeError,
         errors.TransactionTimeoutError: TimeoutError,
         errors.RetryExhaustedError: Exception,
     }

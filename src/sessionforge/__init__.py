@@ -15,12 +15,17 @@ from .engines import EngineStatus as EngineStatus
 from .errors import ConcurrentSessionUseError as ConcurrentSessionUseError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
+from .errors import NestedTransactionError as NestedTransactionError
 from .errors import NoCurrentSessionError as NoCurrentSessionError
 from .errors import RetryExhaustedError as RetryExhaustedError
 from .errors import SessionForgeError as SessionForgeError
 from .errors import TransactionTimeoutError as TransactionTimeoutError
 from .factory import AsyncBeginContext as AsyncBeginContext
 from .factory import SessionFactory as SessionFactory
+from .hooks import HookError as HookError
+from .hooks import after_rollback as after_rollback
+from .hooks import hook_errors as hook_errors
+from .hooks import on_commit as on_commit
 from .sync import SyncBeginContext as SyncBeginContext
 from .sync import SyncSessionFactory as SyncSessionFactory
 
@@ -36,6 +41,8 @@ __all__ = [
     "FactoryConfig",
     "FactoryOptions",
     "FactoryStatus",
+    "HookError",
+    "NestedTransactionError",
     "NoCurrentSessionError",
     "RetryExhaustedError",
     "SessionFactory",
@@ -43,5 +50,8 @@ __all__ = [
     "SyncBeginContext",
     "SyncSessionFactory",
     "TransactionTimeoutError",
+    "after_rollback",
     "errors",
+    "hook_errors",
+    "on_commit",
 ]

@@ -8,7 +8,11 @@
    ``SessionEvents``, whose ``_accept_with`` maps our factories to their per-factory
    ``Session`` subclass; from there SQLAlchemy's own ``SessionEvents._listen`` does the
    work. Nothing of SQLAlchemy is patched.
-2. Loading a dialect class for the async or the sync engine, to check at factory
+2. Awaiting async on-commit hooks from inside a session event: SQLAlchemy runs every
+   AsyncSession operation in a greenlet, where ``sqlalchemy.util.await_`` (public) can
+   wait for a coroutine; ``in_greenlet`` (``sqlalchemy.util.concurrency``) tells
+   whether we are in one.
+3. Loading a dialect class for the async or the sync engine, to check at factory
    construction that its driver is installed (``URL.get_dialect(_is_async=...)``).
 
 If a SQLAlchemy upgrade breaks either, the tests ``test_events_*`` and
@@ -23,8 +27,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.events import SessionEvents
+from sqlalchemy.util.concurrency import in_greenlet as in_greenlet
 
-__all__ = ["EVENT_TARGET_ATTRIBUTE", "load_dialect"]
+__all__ = ["EVENT_TARGET_ATTRIBUTE", "in_greenlet", "load_dialect"]
 
 #: Attribute a factory sets to the ``Session`` subclass its events belong to.
 EVENT_TARGET_ATTRIBUTE = "_sessionforge_event_target"

@@ -64,7 +64,7 @@ def resolve_config(url: str | None) -> tuple[FactoryConfig, str]:
     return FactoryConfig.from_env(), source
 
 
-async def gather_check(url: str | None, timeout: float) -> CheckReport:  # noqa: ASYNC109
+async def gather_check(url: str | None, timeout: float) -> CheckReport:
     """Build a factory, ping it and describe what it connected to; always dispose it.
 
     Raises ``ConfigurationError`` or ``DatabaseUnavailableError``.

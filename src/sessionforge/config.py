@@ -358,7 +358,11 @@ class FactoryConfig:
                 set_(self, name, value.upper())
         set_(self, "sqlite_begin", self.sqlite_begin.lower())
         if self.isolation_level is not None:
-            set_(self, "isolation_level", self._checked_isolation_level(self.isolation_level))
+            set_(
+                self,
+                "isolation_level",
+                dialects.check_isolation_level(self.url, self.isolation_level),
+            )
         self._check_engine_options()
         self._check_session_options()
         self._check_memory_pool()
@@ -468,16 +472,6 @@ class FactoryConfig:
         )
 
     # validation --------------------------------------------------------------------
-
-    def _checked_isolation_level(self, level: str) -> str:
-        normalised = level.upper().replace("_", " ").strip()
-        supported = dialects.isolation_levels(self.url.get_backend_name())
-        if supported is not None and normalised not in supported:
-            raise ConfigurationError(
-                f"isolation_level={level!r} is not supported by "
-                f"{self.url.get_backend_name()}; use one of {', '.join(sorted(supported))}"
-            )
-        return normalised
 
     def _check_engine_options(self) -> None:
         for key in self.engine_options:

@@ -27,9 +27,11 @@ from .config import (
     mask_url,
     session_argument_names,
 )
+from .context import CurrentSession
 from .engines import EngineStatus, build_async_engine, build_sync_engine, engine_status
 from .errors import ConfigurationError, DatabaseUnavailableError
 from .session import make_session_classes
+from .transactions import TransactionOptions, transaction_options
 
 __all__ = ["FactoryCore", "FactoryStatus", "resolve_target", "unavailable"]
 
@@ -71,7 +73,11 @@ class FactoryCore(Generic[_AS]):
         self.owns_sync_engine = sync_engine is None
         self._async_engine = async_engine
         self._sync_engine = sync_engine
+        self._async_binds: dict[tuple[tuple[str, Any], ...], AsyncEngine] = {}
+        self._sync_binds: dict[tuple[tuple[str, Any], ...], Engine] = {}
         self._lock = threading.Lock()
+        self.current_async: CurrentSession[_AS] = CurrentSession("sessionforge_current")
+        self.current_sync: CurrentSession[Session] = CurrentSession("sessionforge_current_sync")
 
     # sessions ----------------------------------------------------------------------
 
@@ -142,6 +148,44 @@ class FactoryCore(Generic[_AS]):
                     engine = self._sync_engine = build_sync_engine(self.config)
         return engine
 
+    def transaction_options(
+        self,
+        isolation_level: str | None,
+        readonly: bool,
+        timeout: float | None,
+        settings: Mapping[str, Any] | None,
+    ) -> TransactionOptions | None:
+        """Validate per-transaction options against this factory's dialect."""
+        return transaction_options(
+            self.config.url,
+            isolation_level=isolation_level,
+            readonly=readonly,
+            timeout=timeout,
+            settings=settings,
+        )
+
+    def async_bind(self, options: TransactionOptions | None) -> AsyncEngine:
+        """The engine (or an option engine sharing its pool) a transaction runs on."""
+        engine = self.async_engine()
+        if options is None or not options.execution_options:
+            return engine
+        bind = self._async_binds.get(options.cache_key)
+        if bind is None:
+            bind = engine.execution_options(**options.execution_options)
+            self._async_binds[options.cache_key] = bind
+        return bind
+
+    def sync_bind(self, options: TransactionOptions | None) -> Engine:
+        """The sync twin's counterpart of ``async_bind``."""
+        engine = self.sync_engine()
+        if options is None or not options.execution_options:
+            return engine
+        bind = self._sync_binds.get(options.cache_key)
+        if bind is None:
+            bind = engine.execution_options(**options.execution_options)
+            self._sync_binds[options.cache_key] = bind
+        return bind
+
     def forget_engines(
         self, *, sync_only: bool = False
     ) -> tuple[AsyncEngine | None, Engine | None]:
@@ -150,9 +194,11 @@ class FactoryCore(Generic[_AS]):
             async_engine = None
             if not sync_only and self.owns_async_engine:
                 async_engine, self._async_engine = self._async_engine, None
+                self._async_binds.clear()
             sync_engine = None
             if self.owns_sync_engine:
                 sync_engine, self._sync_engine = self._sync_engine, None
+                self._sync_binds.clear()
         return async_engine, sync_engine
 
     def status(self, *, role: str) -> FactoryStatus:

@@ -8,6 +8,7 @@ dialect or a driver.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,8 +100,11 @@ SQLITE_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 SQLITE_BEGIN_MODES: Final = frozenset({"immediate", "deferred"})
 
 #: Execution option that picks the SQLite BEGIN mode of one connection's transactions
-#: ("immediate" or "deferred"); later issues set it for read-only sessions.
+#: ("immediate" or "deferred").
 BEGIN_OPTION: Final = "sessionforge_sqlite_begin"
+#: Execution option asking SQLite for a read-only transaction (deferred BEGIN plus
+#: ``PRAGMA query_only``).
+READONLY_OPTION: Final = "sessionforge_readonly"
 
 
 def known_drivers() -> tuple[DriverInfo, ...]:
@@ -144,6 +148,24 @@ def sync_driver_for(dialect: str, driver: str) -> DriverInfo | None:
 def isolation_levels(dialect: str) -> frozenset[str] | None:
     """Return the isolation levels ``dialect`` accepts, or ``None`` when unknown."""
     return _ISOLATION_LEVELS.get(canonical_dialect(dialect))
+
+
+def check_isolation_level(url: URL, level: str) -> str:
+    """Return ``level`` normalised ("repeatable_read" → "REPEATABLE READ"), or raise."""
+    from .errors import ConfigurationError
+
+    if not isinstance(level, str):
+        raise ConfigurationError(
+            f"isolation_level={level!r} ({type(level).__name__}) is invalid: expected a string"
+        )
+    normalised = level.upper().replace("_", " ").strip()
+    supported = isolation_levels(url.get_backend_name())
+    if supported is not None and normalised not in supported:
+        raise ConfigurationError(
+            f"isolation_level={level!r} is not supported by {url.get_backend_name()}; "
+            f"use one of {', '.join(sorted(supported))}"
+        )
+    return normalised
 
 
 def is_sqlite(url: URL) -> bool:
@@ -287,10 +309,33 @@ def install_sqlite_begin(engine: Engine, default_mode: str, engine_isolation: st
             # SQLAlchemy's pysqlite dialect sets "" when it restores a non-AUTOCOMMIT
             # isolation level (2.1, SQLiteDialect_pysqlite.set_isolation_level).
             dbapi_connection.isolation_level = None
-        mode = options.get(BEGIN_OPTION, default_mode)
+        readonly = bool(options.get(READONLY_OPTION, False))
+        mode = "deferred" if readonly else options.get(BEGIN_OPTION, default_mode)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if mode == "immediate" else "BEGIN")
+        if readonly or connection.info.get(_QUERY_ONLY, False):
+            _set_query_only(connection.connection.dbapi_connection, connection.info, readonly)
+
+    def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # A read-only transaction's PRAGMA must not outlive it for users of the
+        # connection that never BEGIN (AUTOCOMMIT ones).
+        if record.info.get(_QUERY_ONLY, False):
+            _set_query_only(dbapi_connection, record.info, False)
 
     event.listen(engine, "begin", on_begin)
+    event.listen(engine, "checkin", on_checkin)
+
+
+_QUERY_ONLY: Final = "sessionforge_query_only"
+
+
+def _set_query_only(dbapi_connection: Any, info: dict[Any, Any], value: bool) -> None:
+    """``PRAGMA query_only``: SQLite refuses every write while it is on."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA query_only = {int(value)}")
+    finally:
+        cursor.close()
+    info[_QUERY_ONLY] = value
 
 
 def describe_presets(config: FactoryConfig, url: URL) -> dict[str, Any]:
@@ -319,3 +364,145 @@ def describe_presets(config: FactoryConfig, url: URL) -> dict[str, Any]:
 def needs_liveness_check(url: URL) -> bool:
     """True when pooled connections can die on the server side (not SQLite's)."""
     return not is_sqlite(url)
+
+
+# --- per-transaction options --------------------------------------------------------
+
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+
+
+def transaction_execution_options(
+    url: URL, isolation_level: str | None, readonly: bool
+) -> dict[str, Any]:
+    """Execution options that give one transaction its isolation level / read-only mode."""
+    from .errors import ConfigurationError
+
+    options: dict[str, Any] = {}
+    if isolation_level is not None:
+        options["isolation_level"] = isolation_level
+    if readonly:
+        backend = url.get_backend_name()
+        if backend == "postgresql":
+            options["postgresql_readonly"] = True
+        elif backend == "sqlite":
+            options[READONLY_OPTION] = True
+        else:
+            raise ConfigurationError(
+                f"readonly=True is supported on PostgreSQL and SQLite, not {backend}; "
+                "use a read-only database user instead"
+            )
+    return options
+
+
+def check_settings(url: URL, settings: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Validate transaction-local server settings; return (name, value) text pairs."""
+    from .errors import ConfigurationError
+
+    if not isinstance(settings, Mapping):
+        raise ConfigurationError(
+            f"settings must be a dict of server setting names to values, "
+            f"got {type(settings).__name__}"
+        )
+    if settings and url.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"settings= are PostgreSQL server settings (set_config); "
+            f"{url.get_backend_name()} has no equivalent, so they cannot be applied"
+        )
+    pairs: list[tuple[str, str]] = []
+    for name, value in settings.items():
+        if not isinstance(name, str) or not _SETTING_NAME.match(name):
+            raise ConfigurationError(
+                f"setting name {name!r} is invalid: use a server setting name like "
+                "'statement_timeout' or a custom one like 'app.tenant_id'"
+            )
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, str | int | float):
+            text = str(value)
+        else:
+            raise ConfigurationError(
+                f"setting {name!r} has a value of type {type(value).__name__}; "
+                "use a string, a number or a bool"
+            )
+        pairs.append((name, text))
+    return tuple(pairs)
+
+
+def timeout_settings(url: URL, timeout: float | None) -> tuple[tuple[str, str], ...]:
+    """Server settings that enforce ``timeout`` on the server too (PostgreSQL)."""
+    if timeout is None or url.get_backend_name() != "postgresql":
+        return ()
+    return (("statement_timeout", str(max(1, round(timeout * 1000)))),)
+
+
+def settings_statement(count: int) -> str:
+    """One SELECT applying ``count`` transaction-local settings, all values bound."""
+    calls = ", ".join(f"set_config(:name_{i}, :value_{i}, true)" for i in range(count))
+    return f"SELECT {calls}"
+
+
+def invalidate_on_timeout(url: URL) -> bool:
+    """Whether a timed-out transaction's connection is dropped rather than rolled back.
+
+    A server connection may be mid-statement when the deadline cancels the task, so
+    it is closed (the server rolls back). SQLite's one in-memory connection *is* the
+    database, and a file connection is cheap to roll back, so SQLite rolls back.
+    """
+    return not is_sqlite(url)
+
+
+# --- errors -------------------------------------------------------------------------
+
+# PostgreSQL: serialization_failure, deadlock_detected. MySQL/MariaDB: deadlock,
+# lock wait timeout. SQLite: SQLITE_BUSY, SQLITE_LOCKED.
+_RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})
+_RETRYABLE_MYSQL_CODES: Final = frozenset({1213, 1205})
+_RETRYABLE_SQLITE_CODES: Final = frozenset({5, 6})
+_STATEMENT_TIMEOUT_SQLSTATE: Final = "57014"  # query_canceled
+
+
+def _driver_errors(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the driver exceptions it wraps (SQLAlchemy's ``.orig``, causes)."""
+    found: list[BaseException] = []
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        stack.extend([getattr(current, "orig", None), current.__cause__])
+    return found
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when re-running the whole transaction may succeed (conflicts, deadlocks)."""
+    for error in _driver_errors(exc):
+        if _sqlstate(error) in _RETRYABLE_SQLSTATES:
+            return True
+        code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in _RETRYABLE_SQLITE_CODES:
+            return True  # extended codes (SQLITE_BUSY_SNAPSHOT...) keep the primary low
+        if type(error).__module__.startswith(("sqlite3", "aiosqlite")) and (
+            "database is locked" in str(error) or "database is busy" in str(error)
+        ):
+            return True
+        args = getattr(error, "args", ())
+        if (
+            type(error).__module__.startswith(("pymysql", "aiomysql", "asyncmy", "MySQLdb"))
+            and args
+            and args[0] in _RETRYABLE_MYSQL_CODES
+        ):
+            return True
+    return False
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """True when the server cancelled a statement for ``statement_timeout``."""
+    return any(_sqlstate(error) == _STATEMENT_TIMEOUT_SQLSTATE for error in _driver_errors(exc))

@@ -8,6 +8,7 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── DatabaseUnavailableError    (ConnectionError)
     ├── ConcurrentSessionUseError   (RuntimeError)
     ├── NoCurrentSessionError       (LookupError)
+    ├── NestedTransactionError      (RuntimeError)
     ├── RetryExhaustedError
     └── TransactionTimeoutError     (TimeoutError)
 
@@ -20,6 +21,7 @@ __all__ = [
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
+    "NestedTransactionError",
     "NoCurrentSessionError",
     "RetryExhaustedError",
     "SessionForgeError",
@@ -45,6 +47,10 @@ class ConcurrentSessionUseError(SessionForgeError, RuntimeError):
 
 class NoCurrentSessionError(SessionForgeError, LookupError):
     """Raised when ``current()`` is called outside any ``scope()`` or request."""
+
+
+class NestedTransactionError(SessionForgeError, RuntimeError):
+    """Raised when ``atomic(durable=True)`` is entered inside another transaction."""
 
 
 class RetryExhaustedError(SessionForgeError):

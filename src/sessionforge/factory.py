@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, TypeVarTuple, Unpack, overload
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction
 
+from . import dialects
 from .config import FactoryConfig, FactoryOptions
 from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
 from .engines import check_driver
+from .errors import TransactionTimeoutError
+from .transactions import (
+    OPTIONS_ATTRIBUTE,
+    RetryPolicy,
+    RetryPredicate,
+    TransactionOptions,
+    check_nestable,
+)
 
 if TYPE_CHECKING:
-    from typing import Unpack
-
     from sqlalchemy.orm import Session
 
     from .sync import SyncSessionFactory
@@ -25,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["SessionFactory"]
 
 _AS = TypeVar("_AS", bound=AsyncSession)
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 
 class SessionFactory(Generic[_AS]):
@@ -92,14 +104,182 @@ class SessionFactory(Generic[_AS]):
         session: _AS = core.async_class(bind=core.async_engine(), **core.session_kwargs(overrides))
         return session
 
-    def begin(self, **overrides: Any) -> AsyncBeginContext[_AS]:
+    def begin(
+        self,
+        *,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> AsyncBeginContext[_AS]:
         """Return ``async with`` context: a session in a transaction, committed at exit.
 
         On an exception the transaction is rolled back and the same exception
         propagates. The session is closed in every case, including a failed COMMIT
         (``async_sessionmaker.begin()`` leaves it open then).
+
+        ``isolation_level`` and ``readonly`` apply to this transaction only; the pooled
+        connection goes back to the next user at the engine's defaults. ``timeout`` is
+        a deadline in seconds for the block (on PostgreSQL also a transaction-local
+        ``statement_timeout``): past it the work is cancelled, rolled back, and
+        ``TransactionTimeoutError`` raised. ``settings`` are transaction-local
+        PostgreSQL settings (``set_config(name, value, true)``, values bound).
         """
-        return AsyncBeginContext(self(**overrides))
+        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        return AsyncBeginContext(self._session(options, overrides), options)
+
+    def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _AS:
+        core = self._core
+        session: _AS = core.async_class(
+            bind=core.async_bind(options), **core.session_kwargs(overrides)
+        )
+        if options is not None:
+            setattr(session.sync_session, OPTIONS_ATTRIBUTE, options)
+        return session
+
+    async def run_transaction(
+        self,
+        fn: Callable[[_AS, Unpack[_Ts]], Awaitable[_T]],
+        /,
+        *args: *_Ts,
+        retries: int = 5,
+        backoff: float = 0.05,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+        retry_if: RetryPredicate | None = None,
+    ) -> _T:
+        """Run ``await fn(session, *args)`` in ``begin(...)``, re-running it on conflicts.
+
+        A retryable error (serialization failure, deadlock, SQLite busy — see
+        ``dialects.is_retryable``; ``retry_if(exc)`` may say True/False first) re-runs
+        the whole function in a fresh session after a jittered exponential backoff.
+        ``retries`` counts re-runs after the first attempt; when they are used up,
+        ``RetryExhaustedError`` carries the last error. Any other error propagates
+        unchanged after one attempt. Keyword arguments for ``fn``: ``functools.partial``.
+
+        Example::
+
+            async def transfer(session, src, dst, amount): ...
+
+            await db.run_transaction(transfer, 1, 2, 100, isolation_level="SERIALIZABLE")
+        """
+        policy = RetryPolicy.build(retries, backoff, retry_if)
+        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with AsyncBeginContext(self._session(options, {}), options) as session:
+                    result = await fn(session, *args)
+            except Exception as exc:
+                if not policy.should_retry(exc, attempt):
+                    raise
+                await asyncio.sleep(policy.delay(attempt))
+            else:
+                return result
+
+    def transactional(
+        self,
+        *,
+        retries: int = 5,
+        backoff: float = 0.05,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+        retry_if: RetryPredicate | None = None,
+    ) -> Callable[
+        [Callable[[_AS, Unpack[_Ts]], Awaitable[_T]]], Callable[[Unpack[_Ts]], Awaitable[_T]]
+    ]:
+        """Decorator form of ``run_transaction``: ``fn(session, *args)`` becomes ``fn(*args)``.
+
+        Example::
+
+            @db.transactional(isolation_level="SERIALIZABLE")
+            async def transfer(session, src, dst, amount): ...
+
+            await transfer(1, 2, 100)
+        """
+        RetryPolicy.build(retries, backoff, retry_if)
+        self._core.transaction_options(isolation_level, readonly, timeout, settings)
+
+        def decorate(
+            fn: Callable[[_AS, Unpack[_Ts]], Awaitable[_T]],
+        ) -> Callable[[Unpack[_Ts]], Awaitable[_T]]:
+            @functools.wraps(fn)
+            async def run(*args: *_Ts) -> _T:
+                return await self.run_transaction(
+                    fn,
+                    *args,
+                    retries=retries,
+                    backoff=backoff,
+                    isolation_level=isolation_level,
+                    readonly=readonly,
+                    timeout=timeout,
+                    settings=settings,
+                    retry_if=retry_if,
+                )
+
+            return run
+
+        return decorate
+
+    # the current session -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def scope(self, **overrides: Any) -> AsyncIterator[_AS]:
+        """Make a new session the task's current one for the block; close it at exit.
+
+        Like ``db()``, it never commits by itself. Scopes nest: leaving one restores
+        the previous current session, also on error or cancellation.
+        """
+        session = self(**overrides)
+        token = self._core.current_async.set(session)
+        try:
+            async with session:
+                yield session
+        finally:
+            self._core.current_async.reset(token)
+
+    def current(self) -> _AS:
+        """The task's current session, or ``NoCurrentSessionError``."""
+        return self._core.current_async.get(self.__repr__)
+
+    @asynccontextmanager
+    async def atomic(
+        self,
+        *,
+        durable: bool = False,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[_AS]:
+        """A transaction, or a SAVEPOINT inside the current one (Django's ``atomic``).
+
+        When the task's current session is in a transaction, the block runs in a
+        SAVEPOINT of it: an exception leaving the block rolls back only the savepoint.
+        Otherwise the block gets a new session in a new transaction, made current for
+        the block, committed at exit. ``durable=True`` refuses to nest.
+        """
+        current = self._core.current_async.peek()
+        if current is not None and current.in_transaction():
+            check_nestable(durable, isolation_level, readonly, timeout, settings)
+            async with current.begin_nested():
+                yield current
+            return
+        context = self.begin(
+            isolation_level=isolation_level, readonly=readonly, timeout=timeout, settings=settings
+        )
+        async with context as session:
+            token = self._core.current_async.set(session)
+            try:
+                yield session
+            finally:
+                self._core.current_async.reset(token)
 
     def configure(self, **options: Any) -> None:
         """Change session options for later sessions of this factory and its twin."""
@@ -107,7 +287,7 @@ class SessionFactory(Generic[_AS]):
 
     # the database ------------------------------------------------------------------
 
-    async def ping(self, *, timeout: float = 10.0) -> float:  # noqa: ASYNC109
+    async def ping(self, *, timeout: float = 10.0) -> float:
         """Check out a connection and make one round trip; return the seconds taken.
 
         Raises ``DatabaseUnavailableError`` when the database cannot be reached or
@@ -193,14 +373,19 @@ class SessionFactory(Generic[_AS]):
 class AsyncBeginContext(Generic[_AS]):
     """What ``SessionFactory.begin()`` returns: ``async with`` yields the session."""
 
-    __slots__ = ("_session", "_transaction")
+    __slots__ = ("_deadline", "_options", "_session", "_transaction")
 
-    def __init__(self, session: _AS) -> None:
+    def __init__(self, session: _AS, options: TransactionOptions | None = None) -> None:
         self._session = session
+        self._options = options
         self._transaction: AsyncSessionTransaction | None = None
+        self._deadline: asyncio.Timeout | None = None
 
     async def __aenter__(self) -> _AS:
         try:
+            if self._options is not None and self._options.timeout is not None:
+                self._deadline = asyncio.timeout(self._options.timeout)
+                await self._deadline.__aenter__()
             self._transaction = await self._session.begin()
         except BaseException:
             await self._session.close()
@@ -214,7 +399,28 @@ class AsyncBeginContext(Generic[_AS]):
         tb: TracebackType | None,
     ) -> None:
         assert self._transaction is not None, "__aexit__ without __aenter__"
+        timed_out = False
+        if self._deadline is not None:
+            # The deadline covers the block, not the COMMIT: a COMMIT cut short would
+            # leave the caller not knowing whether it happened.
+            try:
+                await self._deadline.__aexit__(exc_type, exc, tb)
+            except TimeoutError as expired:
+                exc_type, exc, timed_out = TimeoutError, expired, True
+        if exc is not None and dialects.is_statement_timeout(exc):
+            timed_out = True
         try:
-            await self._transaction.__aexit__(exc_type, exc, tb)
+            if timed_out and self._options is not None and self._options.invalidate_on_timeout:
+                # A statement may still be running on the server: drop the connection
+                # (the server rolls back) rather than queue a ROLLBACK behind it.
+                await self._session.invalidate()
+            else:
+                await self._transaction.__aexit__(exc_type, exc, tb)
         finally:
             await self._session.close()
+        if timed_out:
+            assert self._options is not None
+            raise TransactionTimeoutError(
+                f"the transaction outlived its timeout of {self._options.timeout:g}s and was "
+                "rolled back; raise timeout= or make the work shorter"
+            ) from exc

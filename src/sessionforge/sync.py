@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, TypeVarTuple, cast, overload
 
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 
+from . import dialects
 from .config import FactoryConfig, SyncFactoryOptions
 from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
 from .engines import check_driver
+from .errors import TransactionTimeoutError
+from .transactions import (
+    OPTIONS_ATTRIBUTE,
+    RetryPolicy,
+    RetryPredicate,
+    TransactionOptions,
+    check_nestable,
+)
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -20,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["SyncSessionFactory"]
 
 _S = TypeVar("_S", bound=Session)
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 
 class SyncSessionFactory(Generic[_S]):
@@ -91,13 +105,144 @@ class SyncSessionFactory(Generic[_S]):
         session = core.sync_class(bind=core.sync_engine(), **core.session_kwargs(overrides))
         return cast("_S", session)
 
-    def begin(self, **overrides: Any) -> SyncBeginContext[_S]:
+    def begin(
+        self,
+        *,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> SyncBeginContext[_S]:
         """Return a ``with`` context: a session in a transaction, committed at exit.
 
         On an exception the transaction is rolled back and the same exception
         propagates; the session is closed in every case, including a failed COMMIT.
+        The options are those of ``SessionFactory.begin()``; sync code cannot be
+        interrupted, so ``timeout`` is checked when the block ends (and enforced per
+        statement by PostgreSQL's ``statement_timeout``).
         """
-        return SyncBeginContext(self(**overrides))
+        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        return SyncBeginContext(self._session(options, overrides), options)
+
+    def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _S:
+        core = self._core
+        session = core.sync_class(bind=core.sync_bind(options), **core.session_kwargs(overrides))
+        if options is not None:
+            setattr(session, OPTIONS_ATTRIBUTE, options)
+        return cast("_S", session)
+
+    def run_transaction(
+        self,
+        fn: Callable[[_S, *_Ts], _T],
+        /,
+        *args: *_Ts,
+        retries: int = 5,
+        backoff: float = 0.05,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+        retry_if: RetryPredicate | None = None,
+    ) -> _T:
+        """Run ``fn(session, *args)`` in ``begin(...)``, re-running it on conflicts.
+
+        Same policy as ``SessionFactory.run_transaction``.
+        """
+        policy = RetryPolicy.build(retries, backoff, retry_if)
+        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with SyncBeginContext(self._session(options, {}), options) as session:
+                    result = fn(session, *args)
+            except Exception as exc:
+                if not policy.should_retry(exc, attempt):
+                    raise
+                time.sleep(policy.delay(attempt))
+            else:
+                return result
+
+    def transactional(
+        self,
+        *,
+        retries: int = 5,
+        backoff: float = 0.05,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+        retry_if: RetryPredicate | None = None,
+    ) -> Callable[[Callable[[_S, *_Ts], _T]], Callable[[*_Ts], _T]]:
+        """Decorator form of ``run_transaction``: ``fn(session, *args)`` becomes ``fn(*args)``."""
+        RetryPolicy.build(retries, backoff, retry_if)
+        self._core.transaction_options(isolation_level, readonly, timeout, settings)
+
+        def decorate(fn: Callable[[_S, *_Ts], _T]) -> Callable[[*_Ts], _T]:
+            @functools.wraps(fn)
+            def run(*args: *_Ts) -> _T:
+                return self.run_transaction(
+                    fn,
+                    *args,
+                    retries=retries,
+                    backoff=backoff,
+                    isolation_level=isolation_level,
+                    readonly=readonly,
+                    timeout=timeout,
+                    settings=settings,
+                    retry_if=retry_if,
+                )
+
+            return run
+
+        return decorate
+
+    # the current session -----------------------------------------------------------
+
+    @contextmanager
+    def scope(self, **overrides: Any) -> Iterator[_S]:
+        """Make a new session the current one of this thread/context for the block."""
+        session = self(**overrides)
+        current = self._core.current_sync
+        token = current.set(session)
+        try:
+            with session:
+                yield session
+        finally:
+            current.reset(token)
+
+    def current(self) -> _S:
+        """The current session of this thread/context, or ``NoCurrentSessionError``."""
+        return cast("_S", self._core.current_sync.get(self.__repr__))
+
+    @contextmanager
+    def atomic(
+        self,
+        *,
+        durable: bool = False,
+        isolation_level: str | None = None,
+        readonly: bool = False,
+        timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Iterator[_S]:
+        """A transaction, or a SAVEPOINT inside the current one (see ``SessionFactory``)."""
+        current = self._core.current_sync
+        session = current.peek()
+        if session is not None and session.in_transaction():
+            check_nestable(durable, isolation_level, readonly, timeout, settings)
+            with session.begin_nested():
+                yield cast("_S", session)
+            return
+        context = self.begin(
+            isolation_level=isolation_level, readonly=readonly, timeout=timeout, settings=settings
+        )
+        with context as new_session:
+            token = current.set(new_session)
+            try:
+                yield new_session
+            finally:
+                current.reset(token)
 
     def configure(self, **options: Any) -> None:
         """Change session options for later sessions of this factory and its twin."""
@@ -182,14 +327,17 @@ class SyncSessionFactory(Generic[_S]):
 class SyncBeginContext(Generic[_S]):
     """What ``SyncSessionFactory.begin()`` returns: ``with`` yields the session."""
 
-    __slots__ = ("_session", "_transaction")
+    __slots__ = ("_options", "_session", "_started", "_transaction")
 
-    def __init__(self, session: _S) -> None:
+    def __init__(self, session: _S, options: TransactionOptions | None = None) -> None:
         self._session = session
+        self._options = options
         self._transaction: SessionTransaction | None = None
+        self._started = 0.0
 
     def __enter__(self) -> _S:
         try:
+            self._started = time.monotonic()
             self._transaction = self._session.begin()
         except BaseException:
             self._session.close()
@@ -203,7 +351,20 @@ class SyncBeginContext(Generic[_S]):
         tb: TracebackType | None,
     ) -> None:
         assert self._transaction is not None, "__exit__ without __enter__"
+        timeout = self._options.timeout if self._options is not None else None
+        timed_out = timeout is not None and (
+            (exc is None and time.monotonic() - self._started > timeout)
+            or (exc is not None and dialects.is_statement_timeout(exc))
+        )
         try:
-            self._transaction.__exit__(exc_type, exc, tb)
+            if timed_out:
+                self._transaction.rollback()
+            else:
+                self._transaction.__exit__(exc_type, exc, tb)
         finally:
             self._session.close()
+        if timed_out:
+            raise TransactionTimeoutError(
+                f"the transaction outlived its timeout of {timeout:g}s and was rolled back; "
+                "raise timeout= or make the work shorter"
+            ) from exc

@@ -1,0 +1,192 @@
+"""On-commit and after-rollback hooks, with Django's ``transaction.on_commit`` semantics.
+
+A hook belongs to the innermost transaction in progress when it is registered (or, with
+none in progress, to the next one the session begins). When a SAVEPOINT is released its
+hooks move to the enclosing transaction; when it rolls back, its on-commit hooks are
+dropped and its after-rollback hooks run. When the outermost transaction commits, its
+on-commit hooks run in registration order, right after COMMIT and before ``commit()``
+returns; async hooks are awaited there (in the session's greenlet). A hook that raises
+does not undo anything: the error is logged on the ``sessionforge.hooks`` logger,
+recorded in ``hook_errors(session)``, and the remaining hooks run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util import await_
+
+from ._sqla import in_greenlet
+from .errors import ConfigurationError
+
+__all__ = ["HookError", "after_rollback", "hook_errors", "install", "on_commit"]
+
+logger = logging.getLogger("sessionforge.hooks")
+
+Hook = Callable[[], Any]
+Kind = Literal["on_commit", "after_rollback"]
+
+_STATE: Final = "_sessionforge_hooks"
+#: Set on the sync session of an AsyncSession: its hooks may be awaited.
+ASYNC_FLAG: Final = "_sessionforge_async"
+
+
+@dataclass(frozen=True, slots=True)
+class HookError:
+    """A hook that raised: which one, on what event, and the exception."""
+
+    hook: Hook
+    kind: Kind
+    error: Exception
+
+
+@dataclass(slots=True)
+class _Registered:
+    kind: Kind
+    fn: Hook
+
+
+@dataclass(slots=True)
+class _State:
+    pending: list[_Registered] = field(default_factory=list)
+    by_transaction: dict[SessionTransaction, list[_Registered]] = field(default_factory=dict)
+    errors: list[HookError] = field(default_factory=list)
+
+
+def on_commit(session: Session | AsyncSession, fn: Hook) -> None:
+    """Run ``fn()`` after the outermost transaction of ``session`` commits.
+
+    Example::
+
+        async with db.begin() as session:
+            session.add(order)
+            sessionforge.on_commit(session, lambda: queue.put_nowait(order.id))
+    """
+    _register(session, "on_commit", fn)
+
+
+def after_rollback(session: Session | AsyncSession, fn: Hook) -> None:
+    """Run ``fn()`` when the transaction it was registered in rolls back or is discarded."""
+    _register(session, "after_rollback", fn)
+
+
+def hook_errors(session: Session | AsyncSession) -> list[HookError]:
+    """The hooks of ``session`` that raised so far, oldest first."""
+    state = getattr(_sync_session(session), _STATE, None)
+    return list(state.errors) if state is not None else []
+
+
+def _sync_session(session: Session | AsyncSession) -> Session:
+    return session.sync_session if isinstance(session, AsyncSession) else session
+
+
+def _register(session: Session | AsyncSession, kind: Kind, fn: Hook) -> None:
+    sync = _sync_session(session)
+    if not _is_ours(type(sync)):
+        raise ConfigurationError(
+            f"{kind}() needs a session made by a sessionforge factory; "
+            f"{type(session).__name__} was made elsewhere"
+        )
+    if not callable(fn):
+        raise ConfigurationError(f"{kind}() takes a callable, got {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn) and not getattr(sync, ASYNC_FLAG, False):
+        raise ConfigurationError(
+            f"{kind}() got the async function {getattr(fn, '__qualname__', fn)!r} on a sync "
+            "session, which cannot await it; register a sync function, or use the async factory"
+        )
+    state: _State | None = getattr(sync, _STATE, None)
+    if state is None:
+        state = _State()
+        setattr(sync, _STATE, state)
+    transaction = sync.get_nested_transaction() or sync.get_transaction()
+    if transaction is None:
+        state.pending.append(_Registered(kind, fn))
+    else:
+        state.by_transaction.setdefault(transaction, []).append(_Registered(kind, fn))
+
+
+_INSTALLED: Final = "_sessionforge_hooks_installed"
+
+
+def install(session_class: type[Session]) -> None:
+    """Listen for the transaction events that drive hooks on ``session_class``."""
+    event.listen(session_class, "after_transaction_create", _after_transaction_create)
+    event.listen(session_class, "after_commit", _after_commit)
+    event.listen(session_class, "after_transaction_end", _after_transaction_end)
+    setattr(session_class, _INSTALLED, True)
+
+
+def _is_ours(session_class: type) -> bool:
+    return bool(getattr(session_class, _INSTALLED, False))
+
+
+def _after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
+    state: _State | None = getattr(session, _STATE, None)
+    if state is None or not state.pending or transaction.parent is not None:
+        return
+    state.by_transaction[transaction] = state.pending
+    state.pending = []
+
+
+def _after_commit(session: Session) -> None:
+    # Fires for the outermost COMMIT and for each SAVEPOINT release, while the
+    # committing transaction is still the session's innermost one.
+    state: _State | None = getattr(session, _STATE, None)
+    if state is None or not state.by_transaction:
+        return
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    hooks = state.by_transaction.pop(transaction, None) if transaction is not None else None
+    if not hooks or transaction is None:
+        return
+    if transaction.nested:
+        enclosing = _enclosing(transaction)
+        state.by_transaction.setdefault(enclosing, []).extend(hooks)
+    else:
+        _run(session, state, [hook for hook in hooks if hook.kind == "on_commit"])
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    state: _State | None = getattr(session, _STATE, None)
+    if state is None or not state.by_transaction:
+        return
+    hooks = state.by_transaction.pop(transaction, None)
+    if hooks:  # not taken by _after_commit: this transaction did not commit
+        _run(session, state, [hook for hook in hooks if hook.kind == "after_rollback"])
+
+
+def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
+    parent = transaction.parent
+    assert parent is not None
+    while not parent.nested and parent.parent is not None:
+        parent = parent.parent  # skip flush-time subtransactions
+    return parent
+
+
+def _run(session: Session, state: _State, hooks: list[_Registered]) -> None:
+    for hook in hooks:
+        try:
+            result = hook.fn()
+            if inspect.isawaitable(result):
+                if getattr(session, ASYNC_FLAG, False) and in_greenlet():
+                    await_(result)
+                else:
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    raise TypeError(
+                        f"{hook.kind} hook returned an awaitable outside the async factory"
+                    )
+        except Exception as error:
+            logger.error(
+                "%s hook %r raised; the transaction's outcome stands and the remaining hooks run",
+                hook.kind,
+                hook.fn,
+                exc_info=error,
+            )
+            state.errors.append(HookError(hook.fn, hook.kind, error))

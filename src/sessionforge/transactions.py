@@ -1,0 +1,174 @@
+"""Per-transaction options and the retry policy, shared by both twins.
+
+``TransactionOptions`` is validated once, before anything reaches the server; the twins
+turn it into a bind with the right execution options, the transaction-local settings
+applied when the transaction begins, and a deadline. The retry policy decides which
+errors re-run a whole transaction and how long to wait between attempts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, SessionTransaction
+
+from . import dialects
+from .errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
+
+__all__ = [
+    "RetryPolicy",
+    "TransactionOptions",
+    "check_nestable",
+    "install",
+    "transaction_options",
+]
+
+#: Upper bound of one backoff sleep, whatever the attempt number.
+MAX_BACKOFF: Final = 2.0
+
+RetryPredicate = Callable[[BaseException], bool | None]
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionOptions:
+    """What ``begin(isolation_level=..., readonly=..., timeout=..., settings=...)`` asked for."""
+
+    execution_options: Mapping[str, Any]
+    settings: tuple[tuple[str, str], ...]
+    timeout: float | None
+    invalidate_on_timeout: bool
+
+    @property
+    def cache_key(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted(self.execution_options.items()))
+
+
+def transaction_options(
+    url: URL,
+    *,
+    isolation_level: str | None,
+    readonly: bool,
+    timeout: float | None,
+    settings: Mapping[str, Any] | None,
+) -> TransactionOptions | None:
+    """Validate per-transaction options for ``url``; ``None`` when none were given."""
+    if isolation_level is None and not readonly and timeout is None and not settings:
+        return None
+    if type(readonly) is not bool:
+        raise ConfigurationError(f"readonly={readonly!r} is invalid: expected True or False")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise ConfigurationError(f"timeout={timeout!r} is invalid: expected seconds > 0")
+    level = (
+        None if isolation_level is None else dialects.check_isolation_level(url, isolation_level)
+    )
+    pairs = dialects.timeout_settings(url, timeout) + dialects.check_settings(url, settings or {})
+    return TransactionOptions(
+        execution_options=dialects.transaction_execution_options(url, level, readonly),
+        settings=pairs,
+        timeout=timeout,
+        invalidate_on_timeout=dialects.invalidate_on_timeout(url),
+    )
+
+
+def install(session_class: type[Session]) -> None:
+    """Apply a transaction's settings when it first gets its connection."""
+    event.listen(session_class, "after_begin", _apply_settings)
+
+
+#: Attribute of a sync session holding the options of the ``begin()`` that made it.
+OPTIONS_ATTRIBUTE: Final = "_sessionforge_transaction_options"
+
+
+def _apply_settings(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+    if transaction.parent is not None:
+        return  # SAVEPOINTs share the outer transaction's settings
+    options: TransactionOptions | None = getattr(session, OPTIONS_ATTRIBUTE, None)
+    if options is None or not options.settings:
+        return
+    connection.execute(
+        text(dialects.settings_statement(len(options.settings))),
+        settings_parameters(options.settings),
+    )
+
+
+def settings_parameters(settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Bound parameters for ``dialects.settings_statement``."""
+    parameters: dict[str, str] = {}
+    for index, (name, value) in enumerate(settings):
+        parameters[f"name_{index}"] = name
+        parameters[f"value_{index}"] = value
+    return parameters
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How ``run_transaction`` retries: which errors, how often, how long between."""
+
+    retries: int
+    backoff: float
+    retry_if: RetryPredicate | None
+
+    @classmethod
+    def build(cls, retries: int, backoff: float, retry_if: RetryPredicate | None) -> RetryPolicy:
+        if type(retries) is not int or retries < 0:
+            raise ConfigurationError(f"retries={retries!r} is invalid: expected an int >= 0")
+        if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
+            raise ConfigurationError(f"backoff={backoff!r} is invalid: expected seconds >= 0")
+        if retry_if is not None and not callable(retry_if):
+            raise ConfigurationError("retry_if must be a callable taking the exception")
+        return cls(retries, float(backoff), retry_if)
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        """Whether the failure of attempt number ``attempt`` (1-based) gets another run.
+
+        Raises ``RetryExhaustedError`` when the error is retryable but the attempts
+        are used up.
+        """
+        if not self.is_retryable(exc):
+            return False
+        if attempt > self.retries:
+            raise RetryExhaustedError(
+                f"the transaction failed {attempt} times on retryable errors (the last: "
+                f"{type(exc).__name__}); raise retries= or reduce contention",
+                last_error=exc,
+                attempts=attempt,
+            ) from exc
+        return True
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        if self.retry_if is not None:
+            verdict = self.retry_if(exc)
+            if verdict is not None:
+                return bool(verdict)
+        return dialects.is_retryable(exc)
+
+    def delay(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before re-run number ``attempt`` (1-based)."""
+        return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1)))
+
+
+def check_nestable(
+    durable: bool,
+    isolation_level: str | None,
+    readonly: bool,
+    timeout: float | None,
+    settings: Mapping[str, Any] | None,
+) -> None:
+    if durable:
+        raise NestedTransactionError(
+            "atomic(durable=True) was entered inside another transaction; a durable block "
+            "must be outermost, so that leaving it means the work is committed"
+        )
+    if isolation_level is not None or readonly or timeout is not None or settings:
+        raise NestedTransactionError(
+            "a nested atomic() is a SAVEPOINT of the outer transaction and cannot change "
+            "its isolation level, read-only mode, timeout or settings; pass them to the "
+            "outermost atomic() or begin()"
+        )
