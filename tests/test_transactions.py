@@ -39,10 +39,10 @@ async def scalar(db: SessionFactory[Any], twin: str, sql: str, **begin: Any) -> 
     """Run one statement in ``begin(**begin)`` through the chosen twin."""
     if twin == "async":
         async with db.begin(**begin) as session:
-            result = await session.execute(text(sql))
+            result: Any = await session.execute(text(sql))
             return result.scalar() if result.returns_rows else None
     with db.sync.begin(**begin) as sync_session:
-        sync_result = sync_session.execute(text(sql))
+        sync_result: Any = sync_session.execute(text(sql))
         return sync_result.scalar() if sync_result.returns_rows else None
 
 
@@ -507,7 +507,7 @@ async def test_transactional_decorator(
         async def add(session: AsyncSession, name: str) -> int:
             session.add(models.Item(name=name))
             await session.flush()
-            return int(await session.scalar(select(func.count()).select_from(models.Item)))
+            return (await session.scalar(select(func.count()).select_from(models.Item))) or 0
 
         assert add.__name__ == "add"
         assert await add("a") == 1
@@ -518,7 +518,7 @@ async def test_transactional_decorator(
         def sync_add(session: Session, name: str) -> int:
             session.add(models.Item(name=name))
             session.flush()
-            return int(session.scalar(select(func.count()).select_from(models.Item)))
+            return session.scalar(select(func.count()).select_from(models.Item)) or 0
 
         assert sync_add("a") == 1
         assert sync_add("b") == 2
