@@ -46,3 +46,27 @@ async def generics() -> None:
     with sync_mine.begin() as s:
         assert_type(s, MySyncSession)
     assert_type(await mine.ping(), float)
+
+
+async def transactions(db: SessionFactory[MySession]) -> None:
+    async def transfer(session: MySession, source: int, target: int, note: str) -> float:
+        return 1.0
+
+    assert_type(await db.run_transaction(transfer, 1, 2, "rent", retries=3), float)
+
+    @db.transactional(isolation_level="SERIALIZABLE")
+    async def decorated(session: MySession, amount: int) -> str:
+        return str(amount)
+
+    assert_type(await decorated(5), str)
+
+    def sync_work(session: Session, name: str) -> int:
+        return len(name)
+
+    assert_type(db.sync.run_transaction(sync_work, "ada"), int)
+
+    async with db.atomic(durable=True) as atomic_session:
+        assert_type(atomic_session, MySession)
+    async with db.scope() as scoped:
+        assert_type(scoped, MySession)
+        assert_type(db.current(), MySession)
