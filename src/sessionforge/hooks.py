@@ -58,6 +58,12 @@ class _State:
     pending: list[_Registered] = field(default_factory=list)
     by_transaction: dict[SessionTransaction, list[_Registered]] = field(default_factory=dict)
     errors: list[HookError] = field(default_factory=list)
+    # The transaction whose hooks are running, and the batch being run. It has ended:
+    # a hook of the same kind registered by one of them joins the running batch
+    # ("after this commit" has come), a hook of the other kind waits for the next
+    # transaction.
+    ending: SessionTransaction | None = None
+    running: list[_Registered] | None = None
 
 
 def on_commit(session: Session | AsyncSession, fn: Hook) -> None:
@@ -106,7 +112,13 @@ def _register(session: Session | AsyncSession, kind: Kind, fn: Hook) -> None:
         state = _State()
         setattr(sync, _STATE, state)
     transaction = sync.get_nested_transaction() or sync.get_transaction()
-    if transaction is None:
+    if transaction is not None and transaction is state.ending:
+        running = state.running
+        if running and running[0].kind == kind:
+            running.append(_Registered(kind, fn))
+        else:
+            state.pending.append(_Registered(kind, fn))
+    elif transaction is None:
         state.pending.append(_Registered(kind, fn))
     else:
         state.by_transaction.setdefault(transaction, []).append(_Registered(kind, fn))
@@ -149,7 +161,7 @@ def _after_commit(session: Session) -> None:
         enclosing = _enclosing(transaction)
         state.by_transaction.setdefault(enclosing, []).extend(hooks)
     else:
-        _run(session, state, [hook for hook in hooks if hook.kind == "on_commit"])
+        _run(session, state, transaction, [hook for hook in hooks if hook.kind == "on_commit"])
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -158,7 +170,9 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         return
     hooks = state.by_transaction.pop(transaction, None)
     if hooks:  # not taken by _after_commit: this transaction did not commit
-        _run(session, state, [hook for hook in hooks if hook.kind == "after_rollback"])
+        _run(
+            session, state, transaction, [hook for hook in hooks if hook.kind == "after_rollback"]
+        )
 
 
 def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
@@ -169,8 +183,31 @@ def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
     return parent
 
 
-def _run(session: Session, state: _State, hooks: list[_Registered]) -> None:
-    for hook in hooks:
+def discard_pending(session: Session) -> None:
+    """Forget hooks waiting for a transaction: the session was closed before one began."""
+    state: _State | None = getattr(session, _STATE, None)
+    if state is not None:
+        state.pending.clear()
+
+
+def _run(
+    session: Session, state: _State, transaction: SessionTransaction, hooks: list[_Registered]
+) -> None:
+    if not hooks:
+        return
+    saved = state.ending, state.running
+    state.ending, state.running = transaction, hooks
+    try:
+        _run_each(session, state, hooks)
+    finally:
+        state.ending, state.running = saved
+
+
+def _run_each(session: Session, state: _State, hooks: list[_Registered]) -> None:
+    index = 0
+    while index < len(hooks):  # a running hook may append to the batch
+        hook = hooks[index]
+        index += 1
         try:
             result = hook.fn()
             if inspect.isawaitable(result):

@@ -32,6 +32,19 @@ class SyncHookMethods:
         """Run ``fn()`` if the current transaction rolls back or is discarded."""
         hooks.after_rollback(cast("Session", self), fn)
 
+    # Hooks registered while no transaction had begun die with the session's state.
+    def close(self) -> None:
+        super().close()  # type: ignore[misc]
+        hooks.discard_pending(cast("Session", self))
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        hooks.discard_pending(cast("Session", self))
+
+    def invalidate(self) -> None:
+        super().invalidate()  # type: ignore[misc]
+        hooks.discard_pending(cast("Session", self))
+
 
 class AsyncHookMethods:
     """The same on async sessions, where ``fn`` may also be an async function."""
