@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from sessionforge import NestedTransactionError, NoCurrentSessionError, SessionFactory
+from sessionforge.dialects import is_memory_sqlite
 
 from .conftest import count_rows
 from .models import Models
@@ -526,3 +527,63 @@ async def test_atomic_inside_begin_is_a_separate_transaction(
     assert item_names(pg_outside, models.item) == ["inner"]
     assert db.status().checked_out == 0
     assert db.sync.status().checked_out == 0
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_atomic_on_a_scope_session_with_an_autobegun_transaction_commits_at_exit(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # A read in scope() autobegins a transaction that scope() never commits. An atomic()
+    # block there runs in a SAVEPOINT of it; being the outermost atomic block, leaving
+    # it commits, as in Django (the block's work is not left to the scope's mercy).
+    if twin == "async":
+        async with db.scope() as session:
+            await session.execute(text("SELECT 1"))
+            assert session.in_transaction()
+            async with db.atomic(durable=True) as atomic_session:
+                assert atomic_session is session
+                session.add(models.Item(name="outer"))
+                async with db.atomic():  # nested: a savepoint, no commit at its exit
+                    session.add(models.Item(name="inner"))
+                with pytest.raises(Boom):
+                    async with db.atomic():
+                        session.add(models.Item(name="rolled back"))
+                        await session.flush()
+                        raise Boom
+                if not is_memory_sqlite(db.url):  # shared cache: table locked meanwhile
+                    assert item_names(outside, models.item) == []
+            assert item_names(outside, models.item) == ["inner", "outer"]
+            assert not session.in_transaction()
+    else:
+        with db.sync.scope() as sync_session:
+            sync_session.execute(text("SELECT 1"))
+            with db.sync.atomic(durable=True) as atomic_sync:
+                assert atomic_sync is sync_session
+                sync_session.add(models.Item(name="outer"))
+                with db.sync.atomic():
+                    sync_session.add(models.Item(name="inner"))
+                with pytest.raises(Boom), db.sync.atomic():
+                    sync_session.add(models.Item(name="rolled back"))
+                    sync_session.flush()
+                    raise Boom
+                if not is_memory_sqlite(db.url):
+                    assert item_names(outside, models.item) == []
+            assert item_names(outside, models.item) == ["inner", "outer"]
+    assert db.status().checked_out == 0
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_atomic_on_an_open_transaction_refuses_options(
+    twin: str, db: SessionFactory[Any]
+) -> None:
+    with pytest.raises(NestedTransactionError, match="current session's open transaction"):
+        if twin == "async":
+            async with db.scope() as session:
+                await session.execute(text("SELECT 1"))
+                async with db.atomic(isolation_level="SERIALIZABLE"):
+                    pass
+        else:
+            with db.sync.scope() as sync_session:
+                sync_session.execute(text("SELECT 1"))
+                with db.sync.atomic(readonly=True):
+                    pass

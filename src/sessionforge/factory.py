@@ -24,7 +24,8 @@ from .transactions import (
     RetryPolicy,
     RetryPredicate,
     TransactionOptions,
-    check_nestable,
+    atomic_block,
+    check_joinable,
 )
 
 if TYPE_CHECKING:
@@ -260,26 +261,36 @@ class SessionFactory(Generic[_AS]):
     ) -> AsyncIterator[_AS]:
         """A transaction, or a SAVEPOINT inside the current one (Django's ``atomic``).
 
-        When the task's current session is in a transaction, the block runs in a
-        SAVEPOINT of it: an exception leaving the block rolls back only the savepoint.
-        Otherwise the block gets a new session in a new transaction, made current for
-        the block, committed at exit. ``durable=True`` refuses to nest.
+        With no current session in a transaction, the block gets a new session in a
+        new transaction, made current for the block and committed at exit. When the
+        task's current session is in a transaction, the block runs in a SAVEPOINT of
+        it: an exception leaving the block rolls back only the savepoint; and when no
+        other atomic block encloses this one (the transaction was begun by a read in
+        ``scope()``, say), leaving it also commits, as leaving an outermost atomic
+        block does. ``durable=True`` refuses to be nested in another atomic block.
         """
         current = self._core.current_async.peek()
-        if current is not None and current.in_transaction():
-            check_nestable(durable, isolation_level, readonly, timeout, settings)
+        if current is None or not current.in_transaction():
+            context = self.begin(
+                isolation_level=isolation_level,
+                readonly=readonly,
+                timeout=timeout,
+                settings=settings,
+            )
+            async with context as session:
+                token = self._core.current_async.set(session)
+                try:
+                    with atomic_block(session.sync_session):
+                        yield session
+                finally:
+                    self._core.current_async.reset(token)
+            return
+        with atomic_block(current.sync_session) as depth:
+            check_joinable(depth, durable, isolation_level, readonly, timeout, settings)
             async with current.begin_nested():
                 yield current
-            return
-        context = self.begin(
-            isolation_level=isolation_level, readonly=readonly, timeout=timeout, settings=settings
-        )
-        async with context as session:
-            token = self._core.current_async.set(session)
-            try:
-                yield session
-            finally:
-                self._core.current_async.reset(token)
+            if not depth:
+                await current.commit()
 
     def configure(self, **options: Any) -> None:
         """Change session options for later sessions of this factory and its twin."""

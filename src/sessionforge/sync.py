@@ -23,7 +23,8 @@ from .transactions import (
     RetryPolicy,
     RetryPredicate,
     TransactionOptions,
-    check_nestable,
+    atomic_block,
+    check_joinable,
 )
 
 if TYPE_CHECKING:
@@ -229,20 +230,27 @@ class SyncSessionFactory(Generic[_S]):
         """A transaction, or a SAVEPOINT inside the current one (see ``SessionFactory``)."""
         current = self._core.current_sync
         session = current.peek()
-        if session is not None and session.in_transaction():
-            check_nestable(durable, isolation_level, readonly, timeout, settings)
+        if session is None or not session.in_transaction():
+            context = self.begin(
+                isolation_level=isolation_level,
+                readonly=readonly,
+                timeout=timeout,
+                settings=settings,
+            )
+            with context as new_session:
+                token = current.set(new_session)
+                try:
+                    with atomic_block(new_session):
+                        yield new_session
+                finally:
+                    current.reset(token)
+            return
+        with atomic_block(session) as depth:
+            check_joinable(depth, durable, isolation_level, readonly, timeout, settings)
             with session.begin_nested():
                 yield cast("_S", session)
-            return
-        context = self.begin(
-            isolation_level=isolation_level, readonly=readonly, timeout=timeout, settings=settings
-        )
-        with context as new_session:
-            token = current.set(new_session)
-            try:
-                yield new_session
-            finally:
-                current.reset(token)
+            if not depth:
+                session.commit()
 
     def configure(self, **options: Any) -> None:
         """Change session options for later sessions of this factory and its twin."""

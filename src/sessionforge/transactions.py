@@ -9,7 +9,8 @@ errors re-run a whole transaction and how long to wait between attempts.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,7 +24,8 @@ from .errors import ConfigurationError, NestedTransactionError, RetryExhaustedEr
 __all__ = [
     "RetryPolicy",
     "TransactionOptions",
-    "check_nestable",
+    "atomic_block",
+    "check_joinable",
     "install",
     "transaction_options",
 ]
@@ -154,21 +156,42 @@ class RetryPolicy:
         return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1)))
 
 
-def check_nestable(
+#: Attribute of a sync session counting the atomic() blocks open on it.
+ATOMIC_DEPTH: Final = "_sessionforge_atomic_depth"
+
+
+@contextmanager
+def atomic_block(session: Session) -> Iterator[int]:
+    """Count one more atomic() block on ``session``; yield how many enclosed it."""
+    depth: int = getattr(session, ATOMIC_DEPTH, 0)
+    setattr(session, ATOMIC_DEPTH, depth + 1)
+    try:
+        yield depth
+    finally:
+        setattr(session, ATOMIC_DEPTH, depth)
+
+
+def check_joinable(
+    depth: int,
     durable: bool,
     isolation_level: str | None,
     readonly: bool,
     timeout: float | None,
     settings: Mapping[str, Any] | None,
 ) -> None:
-    if durable:
+    """Refuse what an atomic() running inside an open transaction cannot honour."""
+    if durable and depth:
         raise NestedTransactionError(
-            "atomic(durable=True) was entered inside another transaction; a durable block "
+            "atomic(durable=True) was entered inside another atomic block; a durable block "
             "must be outermost, so that leaving it means the work is committed"
         )
     if isolation_level is not None or readonly or timeout is not None or settings:
+        where = (
+            "a SAVEPOINT of the outer atomic block"
+            if depth
+            else ("a SAVEPOINT of the current session's open transaction")
+        )
         raise NestedTransactionError(
-            "a nested atomic() is a SAVEPOINT of the outer transaction and cannot change "
-            "its isolation level, read-only mode, timeout or settings; pass them to the "
-            "outermost atomic() or begin()"
+            f"this atomic() is {where} and cannot change its isolation level, read-only "
+            "mode, timeout or settings; pass them to the outermost atomic() or begin()"
         )
