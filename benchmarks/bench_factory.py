@@ -47,10 +47,12 @@ ROWS = 1_000
 
 
 class Base(DeclarativeBase):
-    pass
+    """This scenario's own metadata, so create/drop touch ``sf_bench_item`` only."""
 
 
 class Item(Base):
+    """The row read by every operation."""
+
     __tablename__ = "sf_bench_item"
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
@@ -63,6 +65,7 @@ SELECT_SQL = f"SELECT id, name, quantity FROM {TABLE} WHERE id = "
 
 
 def random_id() -> int:
+    """A primary key present in the table; the same generator serves every contender."""
     return random.randint(1, ROWS)
 
 
@@ -78,6 +81,8 @@ def sqlalchemy_contender(name: str, engine: AsyncEngine) -> Contender:
 
 
 def sessionforge_contender(db: SessionFactory[AsyncSession]) -> Contender:
+    """``db.begin()`` + one ``session.get``: the code under test."""
+
     async def op() -> None:
         async with db.begin() as session:
             await session.get(Item, random_id())
@@ -133,6 +138,7 @@ async def create_table(engine: AsyncEngine) -> None:
 
 
 async def drop_table(engine: AsyncEngine) -> None:
+    """Drop ``sf_bench_item`` (and nothing else)."""
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
 
@@ -162,6 +168,7 @@ async def contenders(params: Params) -> AsyncIterator[Sequence[Contender]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point; see ``--help`` and benchmarks/README.md."""
     harness.main(SCENARIO, __doc__ or SCENARIO, contenders, BASELINE, argv)
 
 

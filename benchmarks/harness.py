@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,11 +34,12 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-__all__ = ["Contender", "Params", "Report", "main", "run"]
+__all__ = ["Contender", "Params", "Report", "Sample", "main", "measure", "run"]
 
 URL_ENV: str = "SESSIONFORGE_BENCH_POSTGRES_URL"
 DEFAULT_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-RESULTS_DIR: Path = Path(__file__).resolve().parent / "results"
+BENCH_DIR: Path = Path(__file__).resolve().parent
+RESULTS_DIR: Path = BENCH_DIR / "results"
 _VERSIONED = ("sessionforge", "sqlalchemy", "asyncpg", "aiosqlite", "greenlet", "psycopg")
 
 
@@ -71,6 +73,8 @@ class Report:
     params: Params
     orders: list[list[str]] = field(default_factory=list)
     ops_per_s: dict[str, list[float]] = field(default_factory=dict)
+    cpu_us_per_op: dict[str, list[float]] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def ratios(self, name: str) -> list[float]:
         """Per-round throughput of ``name`` divided by the baseline's, same round."""
@@ -86,6 +90,7 @@ class Report:
                 "ratio_to_baseline": statistics.median(self.ratios(name)),
                 "ratio_min": min(self.ratios(name)),
                 "ratio_max": max(self.ratios(name)),
+                "median_cpu_us_per_op": statistics.median(self.cpu_us_per_op[name]),
             }
             for name, values in self.ops_per_s.items()
         }
@@ -94,14 +99,23 @@ class Report:
 # measuring -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: throughput, and this process's CPU time per operation."""
+
+    ops_per_s: float
+    cpu_us_per_op: float
+
+
 async def measure(
     op: Callable[[], Awaitable[object]], *, tasks: int, seconds: float, ops: int | None = None
-) -> float:
-    """Run ``op`` in ``tasks`` concurrent loops; return completed ops per second.
+) -> Sample:
+    """Run ``op`` in ``tasks`` concurrent loops; return throughput and CPU per op.
 
     The loops stop after ``seconds`` or, when ``ops`` is given, once ``ops`` operations
     have been started. Elapsed time runs until the last loop finishes, so an
-    operation in flight at the deadline is counted and timed.
+    operation in flight at the deadline is counted and timed. CPU time is the whole
+    process's (all threads), so it excludes the database server's.
     """
     remaining = ops
     done = 0
@@ -120,9 +134,10 @@ async def measure(
             await op()
             done += 1
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(loop() for _ in range(tasks)))
-    return done / (time.perf_counter() - started)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return Sample(done / elapsed, cpu / max(done, 1) * 1e6)
 
 
 def rotated(items: Sequence[Contender], round_index: int) -> list[Contender]:
@@ -137,7 +152,10 @@ async def run(
     """Measure every contender once per round, in rotated order; return the numbers."""
     if baseline not in {c.name for c in contenders}:
         raise ValueError(f"baseline {baseline!r} is not among the contenders")
-    report = Report(scenario, baseline, params, ops_per_s={c.name: [] for c in contenders})
+    report = Report(scenario, baseline, params, machine=machine_info())
+    for contender in contenders:
+        report.ops_per_s[contender.name] = []
+        report.cpu_us_per_op[contender.name] = []
     for index in range(params.rounds):
         order = rotated(contenders, index)
         report.orders.append([c.name for c in order])
@@ -147,11 +165,12 @@ async def run(
             if params.warmup > 0:
                 await measure(contender.op, tasks=params.tasks, seconds=params.warmup)
             gc.collect()
-            rate = await measure(
+            sample = await measure(
                 contender.op, tasks=params.tasks, seconds=params.seconds, ops=params.ops
             )
-            report.ops_per_s[contender.name].append(rate)
-            progress(f"{where}: {rate:,.0f} ops/s")
+            report.ops_per_s[contender.name].append(sample.ops_per_s)
+            report.cpu_us_per_op[contender.name].append(sample.cpu_us_per_op)
+            progress(f"{where}: {sample.ops_per_s:,.0f} ops/s")
     progress("")
     return report
 
@@ -171,7 +190,14 @@ def progress(message: str) -> None:
 def format_table(report: Report) -> str:
     """The summary as an aligned text table, baseline marked with ``*``."""
     summary = report.summary()
-    header = ("contender", "median ops/s", "min..max ops/s", "ratio", "ratio min..max")
+    header = (
+        "contender",
+        "median ops/s",
+        "min..max ops/s",
+        "ratio",
+        "ratio min..max",
+        "CPU µs/op",
+    )
     rows = [header]
     for name, s in summary.items():
         mark = " *" if name == report.baseline else ""
@@ -182,6 +208,7 @@ def format_table(report: Report) -> str:
                 f"{s['min_ops_per_s']:,.0f}..{s['max_ops_per_s']:,.0f}",
                 f"{s['ratio_to_baseline']:.3f}",
                 f"{s['ratio_min']:.3f}..{s['ratio_max']:.3f}",
+                f"{s['median_cpu_us_per_op']:,.0f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -199,8 +226,13 @@ def format_table(report: Report) -> str:
         f"\n{report.scenario}: {p.rounds} rounds x {amount} per contender, {p.tasks} tasks, "
         f"pool {p.pool_size}, {masked(p.url)}\n"
         f"ratio = median over rounds of (contender / {report.baseline}) in the same round; "
-        "* = baseline"
+        "* = baseline\n"
+        "CPU µs/op = this process's CPU time per op (client side only), median over rounds"
     )
+    git = report.machine.get("git")
+    if git:
+        changed = " + uncommitted changes in src/" if git["src_changed"] else ""
+        lines.append(f"measured at commit {git['commit'][:12]}{changed}")
     return "\n".join(lines)
 
 
@@ -212,12 +244,29 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
+        "git": git_state(),
         "python": sys.version,
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "versions": versions,
     }
+
+
+def git_state() -> dict[str, Any] | None:
+    """The commit measured, and whether ``src/`` differs from it (``None`` outside git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        src_changed = bool(git("status", "--porcelain", "--", "../src"))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "src_changed": src_changed}
 
 
 def masked(url: str) -> str:
@@ -233,13 +282,14 @@ def write_json(report: Report, path: Path | None) -> Path:
     document = {
         "scenario": report.scenario,
         "created": now.isoformat(),
-        "machine": machine_info(),
+        "machine": report.machine,
         "params": params,
         "baseline": report.baseline,
         "rounds": [
             {
                 "order": order,
                 "ops_per_s": {name: report.ops_per_s[name][i] for name in order},
+                "cpu_us_per_op": {name: report.cpu_us_per_op[name][i] for name in order},
             }
             for i, order in enumerate(report.orders)
         ],
@@ -271,7 +321,7 @@ def parse_args(scenario: str, description: str, argv: Sequence[str] | None) -> a
     add(
         "--url",
         default=os.environ.get(URL_ENV) or DEFAULT_URL,
-        help=f"database URL (default: ${URL_ENV} or {DEFAULT_URL})",
+        help=f"database URL (default: ${URL_ENV} if set, else {DEFAULT_URL})",
     )
     add(
         "--json",
