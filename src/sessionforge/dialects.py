@@ -8,6 +8,7 @@ dialect or a driver.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 if TYPE_CHECKING:
@@ -263,6 +264,23 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
     if is_sqlite(engine.url):
         _install_sqlite_pragmas(engine, config)
         install_sqlite_begin(engine, config.sqlite_begin, config.isolation_level)
+        event.listen(engine, "handle_error", _keep_sqlite_connection_on_cancel)
+
+
+def _keep_sqlite_connection_on_cancel(context: ExceptionContext) -> None:
+    """Do not invalidate a SQLite connection because its task was cancelled.
+
+    SQLAlchemy invalidates any connection whose operation a ``CancelledError`` (or
+    another exit exception) interrupts: right for a network connection in an unknown
+    state. aiosqlite's statement runs on in its worker thread and the connection stays
+    sound; invalidating it instead *abandons* it — with SQLAlchemy 2.1.9 and aiosqlite
+    0.22 the sqlite3 connection is stopped but not closed, keeping its transaction's
+    write lock on the file ("database is locked" for everyone), and an in-memory
+    database dies with its one connection. Kept, the connection is rolled back and
+    returned like any other once the statement ends.
+    """
+    if isinstance(context.original_exception, asyncio.CancelledError):
+        context.is_disconnect = False
 
 
 def _install_sqlite_pragmas(engine: Engine, config: FactoryConfig) -> None:

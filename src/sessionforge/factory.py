@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction
 
 from . import dialects
+from .cancellation import run_to_completion
 from .config import FactoryConfig, FactoryOptions
 from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
 from .engines import check_driver
@@ -399,7 +400,7 @@ class AsyncBeginContext(Generic[_AS]):
                 await self._deadline.__aenter__()
             self._transaction = await self._session.begin()
         except BaseException:
-            await self._session.close()
+            await run_to_completion(self._session.close())
             raise
         return self._session
 
@@ -420,8 +421,29 @@ class AsyncBeginContext(Generic[_AS]):
                 exc_type, exc, timed_out = TimeoutError, expired, True
         if exc is not None and dialects.is_statement_timeout(exc):
             timed_out = True
+        invalidate = (
+            timed_out and self._options is not None and self._options.invalidate_on_timeout
+        )
+        await run_to_completion(self._finish(exc_type, exc, tb, invalidate=invalidate))
+        if timed_out:
+            assert self._options is not None
+            raise TransactionTimeoutError(
+                f"the transaction outlived its timeout of {self._options.timeout:g}s and was "
+                "rolled back; raise timeout= or make the work shorter"
+            ) from exc
+
+    async def _finish(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        *,
+        invalidate: bool,
+    ) -> None:
+        # Runs to completion whatever happens to the calling task (cancellation.py).
+        assert self._transaction is not None
         try:
-            if timed_out and self._options is not None and self._options.invalidate_on_timeout:
+            if invalidate:
                 # A statement may still be running on the server: drop the connection
                 # (the server rolls back) rather than queue a ROLLBACK behind it.
                 await self._session.invalidate()
@@ -429,9 +451,3 @@ class AsyncBeginContext(Generic[_AS]):
                 await self._transaction.__aexit__(exc_type, exc, tb)
         finally:
             await self._session.close()
-        if timed_out:
-            assert self._options is not None
-            raise TransactionTimeoutError(
-                f"the transaction outlived its timeout of {self._options.timeout:g}s and was "
-                "rolled back; raise timeout= or make the work shorter"
-            ) from exc
