@@ -9,14 +9,18 @@ both, which is what makes them one factory.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from . import hooks, transactions
+from .errors import ConcurrentSessionUseError
 
-__all__ = ["AsyncHookMethods", "SyncHookMethods", "make_session_classes"]
+__all__ = ["GUARDED_METHODS", "AsyncHookMethods", "SyncHookMethods", "make_session_classes"]
 
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -47,9 +51,17 @@ class SyncHookMethods:
 
 
 class AsyncHookMethods:
-    """The same on async sessions, where ``fn`` may also be an async function."""
+    """The same on async sessions, where ``fn`` may also be an async function.
+
+    Also the one-task-at-a-time guard: every awaitable method of ``AsyncSession`` is
+    wrapped (below) to note the task using the session while the call is in flight; a
+    second task calling in meanwhile gets ``ConcurrentSessionUseError`` at once, before
+    it touches the session, so the first task's work is not disturbed. Sequential use
+    from different tasks stays allowed.
+    """
 
     sync_session: Session
+    _sessionforge_holder: asyncio.Task[Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -62,6 +74,66 @@ class AsyncHookMethods:
     def after_rollback(self, fn: hooks.Hook) -> None:
         """Run ``fn()`` (awaited if async) if the current transaction rolls back."""
         hooks.after_rollback(self.sync_session, fn)
+
+
+# Awaitable AsyncSession methods that run an operation on the sync session.
+GUARDED_METHODS: Final = (
+    "close",
+    "commit",
+    "connection",
+    "delete",
+    "execute",
+    "flush",
+    "get",
+    "get_one",
+    "invalidate",
+    "merge",
+    "refresh",
+    "reset",
+    "rollback",
+    "run_sync",
+    "scalar",
+    "scalars",
+    "stream",
+    "stream_scalars",
+)
+
+
+def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    @functools.wraps(getattr(AsyncSession, name))
+    async def guarded(self: AsyncHookMethods, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(super(AsyncHookMethods, self), name)
+        holder = self._sessionforge_holder
+        task = asyncio.current_task()
+        if holder is task or task is None:
+            return await method(*args, **kwargs)  # re-entrant call, or no task at all
+        if holder is not None:
+            raise ConcurrentSessionUseError(_concurrent_message(name, holder, task))
+        self._sessionforge_holder = task
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            self._sessionforge_holder = None
+
+    return guarded
+
+
+def _concurrent_message(name: str, holder: asyncio.Task[Any], task: asyncio.Task[Any]) -> str:
+    return (
+        f"{task.get_name()} called session.{name}() while {holder.get_name()} "
+        f"({_coroutine_name(holder)}) is still using this session; an AsyncSession serves "
+        "one task at a time: give each task its own session (db() or db.scope() per task), "
+        "or await the first call before the next"
+    )
+
+
+def _coroutine_name(task: asyncio.Task[Any]) -> str:
+    coroutine = task.get_coro()
+    return getattr(coroutine, "__qualname__", type(coroutine).__name__)
+
+
+for _name in GUARDED_METHODS:
+    setattr(AsyncHookMethods, _name, _guarded(_name))
 
 
 def make_session_classes(
