@@ -30,6 +30,7 @@ from .config import (
 from .context import CurrentSession
 from .engines import EngineStatus, build_async_engine, build_sync_engine, engine_status
 from .errors import ConfigurationError, DatabaseUnavailableError
+from .loops import LoopEngines
 from .session import make_session_classes
 from .transactions import TransactionOptions, transaction_options
 
@@ -71,9 +72,10 @@ class FactoryCore(Generic[_AS]):
         self.session_arguments = session_argument_names(self.async_class, self.sync_class)
         self.owns_async_engine = async_engine is None
         self.owns_sync_engine = sync_engine is None
-        self._async_engine = async_engine
+        self._user_async_engine = async_engine
+        self._loop_engines = LoopEngines(lambda: build_async_engine(self.config))
         self._sync_engine = sync_engine
-        self._async_binds: dict[tuple[tuple[str, Any], ...], AsyncEngine] = {}
+        self._async_binds: dict[tuple[AsyncEngine, tuple[tuple[str, Any], ...]], AsyncEngine] = {}
         self._sync_binds: dict[tuple[tuple[str, Any], ...], Engine] = {}
         self._lock = threading.Lock()
         self.current_async: CurrentSession[_AS] = CurrentSession("sessionforge_current")
@@ -122,21 +124,19 @@ class FactoryCore(Generic[_AS]):
 
     @property
     def async_engine_if_built(self) -> AsyncEngine | None:
-        return self._async_engine
+        """The engine ``async_engine()`` would return here, if it exists already."""
+        return self._user_async_engine or self._loop_engines.current()
 
     @property
     def sync_engine_if_built(self) -> Engine | None:
         return self._sync_engine
 
     def async_engine(self) -> AsyncEngine:
-        """The async engine, built on first use."""
-        engine = self._async_engine
-        if engine is None:
-            with self._lock:
-                engine = self._async_engine
-                if engine is None:
-                    engine = self._async_engine = build_async_engine(self.config)
-        return engine
+        """The running event loop's async engine, built on first use in that loop.
+
+        An engine passed in by the user is used as given, in whatever loop.
+        """
+        return self._user_async_engine or self._loop_engines.get()
 
     def sync_engine(self) -> Engine:
         """The sync twin's engine, built on first use."""
@@ -169,10 +169,12 @@ class FactoryCore(Generic[_AS]):
         engine = self.async_engine()
         if options is None or not options.execution_options:
             return engine
-        bind = self._async_binds.get(options.cache_key)
+        key = (engine, options.cache_key)
+        bind = self._async_binds.get(key)
         if bind is None:
-            bind = engine.execution_options(**options.execution_options)
-            self._async_binds[options.cache_key] = bind
+            if len(self._async_binds) > 64:  # engines of ended loops
+                self._async_binds.clear()
+            bind = self._async_binds[key] = engine.execution_options(**options.execution_options)
         return bind
 
     def sync_bind(self, options: TransactionOptions | None) -> Engine:
@@ -189,12 +191,17 @@ class FactoryCore(Generic[_AS]):
     def forget_engines(
         self, *, sync_only: bool = False
     ) -> tuple[AsyncEngine | None, Engine | None]:
-        """Detach the engines this core owns and return them for the caller to dispose."""
+        """Detach the engines this core owns and return them for the caller to dispose.
+
+        Async: the running loop's engine (engines of other live loops stay theirs);
+        engines of loops that closed are dropped on the way.
+        """
+        async_engine = None
+        if not sync_only and self.owns_async_engine:
+            async_engine = self._loop_engines.take_current()
+            self._loop_engines.drop_dead()
+            self._async_binds.clear()
         with self._lock:
-            async_engine = None
-            if not sync_only and self.owns_async_engine:
-                async_engine, self._async_engine = self._async_engine, None
-                self._async_binds.clear()
             sync_engine = None
             if self.owns_sync_engine:
                 sync_engine, self._sync_engine = self._sync_engine, None
@@ -204,14 +211,20 @@ class FactoryCore(Generic[_AS]):
     def status(self, *, role: str) -> FactoryStatus:
         """Pool figures of every built engine; ``role`` ("async"/"sync") picks ``checked_out``."""
         engines: list[EngineStatus] = []
-        if self._async_engine is not None:
-            engines.append(engine_status("async", self._async_engine.sync_engine))
+        current = self.async_engine_if_built
+        async_engines = (
+            [self._user_async_engine] if self._user_async_engine else self._loop_engines.engines()
+        )
+        # The running loop's engine first: the one a new session would use.
+        for engine in sorted(async_engines, key=lambda e: e is not current):
+            engines.append(engine_status("async", engine.sync_engine))
         if self._sync_engine is not None:
             engines.append(engine_status("sync", self._sync_engine))
-        current = [e for e in engines if e.role == role]
-        return FactoryStatus(
-            checked_out=current[0].checked_out if current else 0, engines=tuple(engines)
-        )
+        if role == "async":
+            checked_out = engines[0].checked_out if current is not None else 0
+        else:
+            checked_out = engines[-1].checked_out if self._sync_engine is not None else 0
+        return FactoryStatus(checked_out=checked_out, engines=tuple(engines))
 
     # shared formatting -------------------------------------------------------------
 
