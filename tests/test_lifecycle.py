@@ -182,3 +182,66 @@ async def test_user_engine_is_not_disposed(tmp_path: Any) -> None:
     assert pool.checkedin() == 1
     assert db.engine is engine
     await engine.dispose()
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_status_counts_sessions_and_transactions(
+    twin: str, make_factory: FactoryMaker
+) -> None:
+    db = make_factory()
+    factory: Any = db if twin == "async" else db.sync
+
+    async def run(context: Any, sql: str | None = None, fail: bool = False) -> None:
+        class Boom(Exception):
+            pass
+
+        try:
+            if twin == "async":
+                async with context as session:
+                    if sql:
+                        await session.execute(text(sql))
+                    if fail:
+                        raise Boom
+            else:
+                with context as session:
+                    if sql:
+                        session.execute(text(sql))
+                    if fail:
+                        raise Boom
+        except Boom:
+            pass
+
+    first, second = factory(), factory()
+    assert db.status().sessions_open == 2
+    await run(factory.begin(), "SELECT 1")  # committed
+    await run(factory.begin(), "SELECT 1", fail=True)  # rolled back
+    await run(factory.begin())  # nothing reached the database: not counted
+    await run(factory(), "SELECT 1")  # closed without commit: a rollback
+    status = db.status()
+    assert (status.transactions_committed, status.transactions_rolled_back) == (1, 2)
+    assert status.sessions_open == 2
+    for session in (first, second):
+        if twin == "async":
+            await session.close()
+        else:
+            session.close()
+    assert db.status().sessions_open == 0
+
+    attempts: list[int] = []
+
+    def flaky(session: Any) -> int:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise LookupError("again")
+        return len(attempts)
+
+    async def aflaky(session: Any) -> int:
+        return flaky(session)
+
+    retry_if = lambda exc: isinstance(exc, LookupError)  # noqa: E731
+    if twin == "async":
+        assert await db.run_transaction(aflaky, backoff=0, retry_if=retry_if) == 3
+    else:
+        assert db.sync.run_transaction(flaky, backoff=0, retry_if=retry_if) == 3
+    assert db.status().transactions_retried == 2
+    assert db.status().sessions_open == 0

@@ -32,6 +32,7 @@ from .engines import EngineStatus, build_async_engine, build_sync_engine, engine
 from .errors import ConfigurationError, DatabaseUnavailableError
 from .loops import LoopEngines
 from .session import make_session_classes
+from .stats import FactoryStats
 from .transactions import TransactionOptions, transaction_options
 
 __all__ = ["FactoryCore", "FactoryStatus", "resolve_target", "unavailable"]
@@ -45,15 +46,22 @@ _NAMED_SESSION_OPTIONS = frozenset({"autoflush", "expire_on_commit", "info"})
 
 @dataclass(frozen=True, slots=True)
 class FactoryStatus:
-    """A snapshot of a factory's connections.
+    """A snapshot of a factory's connections and counters.
 
     ``checked_out`` counts the connections checked out of the engine that a new
     session of this factory would use now; ``engines`` has the pool figures of every
-    engine the factory has built so far.
+    engine the factory has built so far (the running loop's async engine first). The
+    counters cover both twins: sessions made and not yet closed, and transactions that
+    reached the database and committed, rolled back (closing without a commit
+    counts), or were re-run by ``run_transaction``.
     """
 
     checked_out: int
     engines: tuple[EngineStatus, ...]
+    sessions_open: int = 0
+    transactions_committed: int = 0
+    transactions_rolled_back: int = 0
+    transactions_retried: int = 0
 
 
 class FactoryCore(Generic[_AS]):
@@ -67,7 +75,10 @@ class FactoryCore(Generic[_AS]):
         sync_engine: Engine | None = None,
     ) -> None:
         self.config = config
-        async_class, self.sync_class = make_session_classes(config.class_, config.sync_class_)
+        self.stats = FactoryStats()
+        async_class, self.sync_class = make_session_classes(
+            config.class_, config.sync_class_, self.stats
+        )
         self.async_class = cast("type[_AS]", async_class)
         self.session_arguments = session_argument_names(self.async_class, self.sync_class)
         self.owns_async_engine = async_engine is None
@@ -224,7 +235,15 @@ class FactoryCore(Generic[_AS]):
             checked_out = engines[0].checked_out if current is not None else 0
         else:
             checked_out = engines[-1].checked_out if self._sync_engine is not None else 0
-        return FactoryStatus(checked_out=checked_out, engines=tuple(engines))
+        counters = self.stats.snapshot()
+        return FactoryStatus(
+            checked_out=checked_out,
+            engines=tuple(engines),
+            sessions_open=counters.sessions_open,
+            transactions_committed=counters.transactions_committed,
+            transactions_rolled_back=counters.transactions_rolled_back,
+            transactions_retried=counters.transactions_retried,
+        )
 
     # shared formatting -------------------------------------------------------------
 

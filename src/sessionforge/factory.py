@@ -20,6 +20,7 @@ from .config import FactoryConfig, FactoryOptions
 from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
 from .engines import check_driver
 from .errors import TransactionTimeoutError
+from .stats import opened_session
 from .transactions import (
     OPTIONS_ATTRIBUTE,
     RetryPolicy,
@@ -104,6 +105,7 @@ class SessionFactory(Generic[_AS]):
         """Return a new session; ``overrides`` win over the factory's session options."""
         core = self._core
         session: _AS = core.async_class(bind=core.async_engine(), **core.session_kwargs(overrides))
+        opened_session(session.sync_session)
         return session
 
     def begin(
@@ -138,6 +140,7 @@ class SessionFactory(Generic[_AS]):
         )
         if options is not None:
             setattr(session.sync_session, OPTIONS_ATTRIBUTE, options)
+        opened_session(session.sync_session)
         return session
 
     async def run_transaction(
@@ -179,6 +182,7 @@ class SessionFactory(Generic[_AS]):
             except Exception as exc:
                 if not policy.should_retry(exc, attempt):
                     raise
+                self._core.stats.retried()
                 await asyncio.sleep(policy.delay(attempt))
             else:
                 return result

@@ -17,7 +17,7 @@ from typing import Any, Final, TypeVar, cast
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from . import hooks, transactions
+from . import hooks, stats, transactions
 from .errors import ConcurrentSessionUseError
 
 __all__ = ["GUARDED_METHODS", "AsyncHookMethods", "SyncHookMethods", "make_session_classes"]
@@ -36,18 +36,25 @@ class SyncHookMethods:
         """Run ``fn()`` if the current transaction rolls back or is discarded."""
         hooks.after_rollback(cast("Session", self), fn)
 
-    # Hooks registered while no transaction had begun die with the session's state.
+    # Hooks registered while no transaction had begun die with the session's state;
+    # the factory's count of open sessions goes down.
     def close(self) -> None:
         super().close()  # type: ignore[misc]
-        hooks.discard_pending(cast("Session", self))
+        _closed(self)
 
     def reset(self) -> None:
         super().reset()  # type: ignore[misc]
-        hooks.discard_pending(cast("Session", self))
+        _closed(self)
 
     def invalidate(self) -> None:
         super().invalidate()  # type: ignore[misc]
-        hooks.discard_pending(cast("Session", self))
+        _closed(self)
+
+
+def _closed(session: object) -> None:
+    sync = cast("Session", session)
+    hooks.discard_pending(sync)
+    stats.closed_session(sync)
 
 
 class AsyncHookMethods:
@@ -137,7 +144,7 @@ for _name in GUARDED_METHODS:
 
 
 def make_session_classes(
-    class_: type[_AS], sync_class_: type[Session] | None
+    class_: type[_AS], sync_class_: type[Session] | None, counters: stats.FactoryStats
 ) -> tuple[type[_AS], type[Session]]:
     """Return fresh (async, sync) subclasses for one factory's sessions."""
     sync_base: type[Session] = sync_class_ or class_.sync_session_class
@@ -146,6 +153,7 @@ def make_session_classes(
     )
     hooks.install(sync_class)
     transactions.install(sync_class)
+    stats.install(sync_class, counters)
     async_class = type(
         class_.__name__,
         (AsyncHookMethods, class_),

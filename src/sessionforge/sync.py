@@ -18,6 +18,7 @@ from .config import FactoryConfig, SyncFactoryOptions
 from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
 from .engines import check_driver
 from .errors import TransactionTimeoutError
+from .stats import opened_session
 from .transactions import (
     OPTIONS_ATTRIBUTE,
     RetryPolicy,
@@ -104,6 +105,7 @@ class SyncSessionFactory(Generic[_S]):
         """Return a new session; ``overrides`` win over the factory's session options."""
         core = self._core
         session = core.sync_class(bind=core.sync_engine(), **core.session_kwargs(overrides))
+        opened_session(session)
         return cast("_S", session)
 
     def begin(
@@ -131,6 +133,7 @@ class SyncSessionFactory(Generic[_S]):
         session = core.sync_class(bind=core.sync_bind(options), **core.session_kwargs(overrides))
         if options is not None:
             setattr(session, OPTIONS_ATTRIBUTE, options)
+        opened_session(session)
         return cast("_S", session)
 
     def run_transaction(
@@ -161,6 +164,7 @@ class SyncSessionFactory(Generic[_S]):
             except Exception as exc:
                 if not policy.should_retry(exc, attempt):
                     raise
+                self._core.stats.retried()
                 time.sleep(policy.delay(attempt))
             else:
                 return result
