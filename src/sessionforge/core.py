@@ -89,6 +89,7 @@ class FactoryCore(Generic[_AS]):
         self._async_binds: dict[tuple[AsyncEngine, tuple[tuple[str, Any], ...]], AsyncEngine] = {}
         self._sync_binds: dict[tuple[tuple[str, Any], ...], Engine] = {}
         self._lock = threading.Lock()
+        self._session_defaults: tuple[FactoryConfig, dict[str, Any]] | None = None
         self.current_async: CurrentSession[_AS] = CurrentSession("sessionforge_current")
         self.current_sync: CurrentSession[Session] = CurrentSession("sessionforge_current_sync")
 
@@ -100,10 +101,15 @@ class FactoryCore(Generic[_AS]):
         A call's value wins; ``info`` dicts are merged (the call's keys win) into a
         new dict, so neither the factory's nor the caller's dict is shared.
         """
+        defaults = self._session_defaults
+        if defaults is None or defaults[0] is not self.config:
+            defaults = self._session_defaults = (self.config, self.config.session_kwargs())
+        if not overrides:
+            return dict(defaults[1])  # Session copies `info`: sharing its dict is safe
         for name in overrides:
             check_session_argument(name, self.session_arguments)
         kwargs = dict(overrides)
-        for name, value in self.config.session_kwargs().items():
+        for name, value in defaults[1].items():
             if name == "info" and "info" in kwargs:
                 merged = dict(value)
                 merged.update(kwargs["info"] or {})

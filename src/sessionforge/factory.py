@@ -428,7 +428,14 @@ class AsyncBeginContext(Generic[_AS]):
         invalidate = (
             timed_out and self._options is not None and self._options.invalidate_on_timeout
         )
-        await run_to_completion(self._finish(exc_type, exc, tb, invalidate=invalidate))
+        try:
+            await self._finish(exc_type, exc, tb, invalidate=invalidate)
+        except asyncio.CancelledError:
+            # Cancelled while ending the transaction (the interrupted operation's
+            # connection is invalidated by SQLAlchemy): finish closing the session where
+            # no further cancellation reaches, then let the cancellation through.
+            await run_to_completion(self._session.close())
+            raise
         if timed_out:
             assert self._options is not None
             raise TransactionTimeoutError(
@@ -444,7 +451,6 @@ class AsyncBeginContext(Generic[_AS]):
         *,
         invalidate: bool,
     ) -> None:
-        # Runs to completion whatever happens to the calling task (cancellation.py).
         assert self._transaction is not None
         try:
             if invalidate:

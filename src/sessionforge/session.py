@@ -106,19 +106,21 @@ GUARDED_METHODS: Final = (
 )
 
 
-def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-    @functools.wraps(getattr(AsyncSession, name))
-    async def guarded(self: AsyncHookMethods, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(super(AsyncHookMethods, self), name)
+def _guarded(name: str, method: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Wrap ``method`` (the session class's own) with the one-task-at-a-time check."""
+    current_task = asyncio.current_task
+
+    @functools.wraps(method)
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
         holder = self._sessionforge_holder
-        task = asyncio.current_task()
+        task = current_task()
         if holder is task or task is None:
-            return await method(*args, **kwargs)  # re-entrant call, or no task at all
+            return await method(self, *args, **kwargs)  # re-entrant, or no task at all
         if holder is not None:
             raise ConcurrentSessionUseError(_concurrent_message(name, holder, task))
         self._sessionforge_holder = task
         try:
-            return await method(*args, **kwargs)
+            return await method(self, *args, **kwargs)
         finally:
             self._sessionforge_holder = None
 
@@ -139,10 +141,6 @@ def _coroutine_name(task: asyncio.Task[Any]) -> str:
     return getattr(coroutine, "__qualname__", type(coroutine).__name__)
 
 
-for _name in GUARDED_METHODS:
-    setattr(AsyncHookMethods, _name, _guarded(_name))
-
-
 def make_session_classes(
     class_: type[_AS], sync_class_: type[Session] | None, counters: stats.FactoryStats
 ) -> tuple[type[_AS], type[Session]]:
@@ -154,9 +152,10 @@ def make_session_classes(
     hooks.install(sync_class)
     transactions.install(sync_class)
     stats.install(sync_class, counters)
-    async_class = type(
-        class_.__name__,
-        (AsyncHookMethods, class_),
-        {"__module__": class_.__module__, "sync_session_class": sync_class},
-    )
+    namespace: dict[str, Any] = {"__module__": class_.__module__, "sync_session_class": sync_class}
+    # Wrap the given class's own methods (a user's override included) directly: no
+    # super() lookup on the hot path.
+    for name in GUARDED_METHODS:
+        namespace[name] = _guarded(name, getattr(class_, name))
+    async_class = type(class_.__name__, (AsyncHookMethods, class_), namespace)
     return cast("type[_AS]", async_class), sync_class
