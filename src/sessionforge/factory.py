@@ -425,11 +425,16 @@ class AsyncBeginContext(Generic[_AS]):
                 exc_type, exc, timed_out = TimeoutError, expired, True
         if exc is not None and dialects.is_statement_timeout(exc):
             timed_out = True
-        invalidate = (
-            timed_out and self._options is not None and self._options.invalidate_on_timeout
-        )
         try:
-            await self._finish(exc_type, exc, tb, invalidate=invalidate)
+            try:
+                if timed_out and self._options is not None and self._options.invalidate_on_timeout:
+                    # A statement may still be running on the server: drop the
+                    # connection (the server rolls back) rather than queue a ROLLBACK.
+                    await self._session.invalidate()
+                else:
+                    await self._transaction.__aexit__(exc_type, exc, tb)
+            finally:
+                await self._session.close()
         except asyncio.CancelledError:
             # Cancelled while ending the transaction (the interrupted operation's
             # connection is invalidated by SQLAlchemy): finish closing the session where
@@ -442,22 +447,3 @@ class AsyncBeginContext(Generic[_AS]):
                 f"the transaction outlived its timeout of {self._options.timeout:g}s and was "
                 "rolled back; raise timeout= or make the work shorter"
             ) from exc
-
-    async def _finish(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-        *,
-        invalidate: bool,
-    ) -> None:
-        assert self._transaction is not None
-        try:
-            if invalidate:
-                # A statement may still be running on the server: drop the connection
-                # (the server rolls back) rather than queue a ROLLBACK behind it.
-                await self._session.invalidate()
-            else:
-                await self._transaction.__aexit__(exc_type, exc, tb)
-        finally:
-            await self._session.close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_session
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import await_
 
@@ -34,8 +34,6 @@ Hook = Callable[[], Any]
 Kind = Literal["on_commit", "after_rollback"]
 
 _STATE: Final = "_sessionforge_hooks"
-#: Set on the sync session of an AsyncSession: its hooks may be awaited.
-ASYNC_FLAG: Final = "_sessionforge_async"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +100,7 @@ def _register(session: Session | AsyncSession, kind: Kind, fn: Hook) -> None:
         )
     if not callable(fn):
         raise ConfigurationError(f"{kind}() takes a callable, got {type(fn).__name__}")
-    if inspect.iscoroutinefunction(fn) and not getattr(sync, ASYNC_FLAG, False):
+    if inspect.iscoroutinefunction(fn) and async_session(sync) is None:
         raise ConfigurationError(
             f"{kind}() got the async function {getattr(fn, '__qualname__', fn)!r} on a sync "
             "session, which cannot await it; register a sync function, or use the async factory"
@@ -211,7 +209,7 @@ def _run_each(session: Session, state: _State, hooks: list[_Registered]) -> None
         try:
             result = hook.fn()
             if inspect.isawaitable(result):
-                if getattr(session, ASYNC_FLAG, False) and in_greenlet():
+                if in_greenlet() and async_session(session) is not None:
                     await_(result)
                 else:
                     if inspect.iscoroutine(result):

@@ -70,10 +70,6 @@ class AsyncHookMethods:
     sync_session: Session
     _sessionforge_holder: asyncio.Task[Any] | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        setattr(self.sync_session, hooks.ASYNC_FLAG, True)
-
     def on_commit(self, fn: hooks.Hook) -> None:
         """Run ``fn()`` (awaited if async) after the outermost transaction commits."""
         hooks.on_commit(self.sync_session, fn)

@@ -6,7 +6,8 @@ Counted from session events on the factory's own session class, so every path co
 
 from __future__ import annotations
 
-import threading
+import copy
+import itertools
 from dataclasses import dataclass
 from typing import Final
 
@@ -33,38 +34,45 @@ class Counters:
 
 
 class FactoryStats:
-    """Thread-safe counters shared by a factory and its twin."""
+    """Counters shared by a factory and its twin, safe across threads without a lock.
+
+    Each is an ``itertools.count`` advanced with ``next()``, which is atomic in CPython;
+    "open" is made minus closed.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = self._committed = self._rolled_back = self._retried = 0
+        self._made = itertools.count()
+        self._closed = itertools.count()
+        self._committed = itertools.count()
+        self._rolled_back = itertools.count()
+        self._retried = itertools.count()
 
     def opened(self, session: Session) -> None:
         if not getattr(session, _OPEN, False):
             setattr(session, _OPEN, True)
-            with self._lock:
-                self._open += 1
+            next(self._made)
 
     def closed(self, session: Session) -> None:
         if getattr(session, _OPEN, False):
             setattr(session, _OPEN, False)
-            with self._lock:
-                self._open -= 1
+            next(self._closed)
 
     def retried(self) -> None:
-        with self._lock:
-            self._retried += 1
+        next(self._retried)
 
     def snapshot(self) -> Counters:
-        with self._lock:
-            return Counters(self._open, self._committed, self._rolled_back, self._retried)
+        def peek(counter: itertools.count[int]) -> int:
+            return next(copy.copy(counter))  # the copy advances, not the counter
+
+        return Counters(
+            sessions_open=peek(self._made) - peek(self._closed),
+            transactions_committed=peek(self._committed),
+            transactions_rolled_back=peek(self._rolled_back),
+            transactions_retried=peek(self._retried),
+        )
 
     def _count(self, committed: bool) -> None:
-        with self._lock:
-            if committed:
-                self._committed += 1
-            else:
-                self._rolled_back += 1
+        next(self._committed if committed else self._rolled_back)
 
 
 def install(session_class: type[Session], stats: FactoryStats) -> None:
