@@ -58,6 +58,7 @@ class _CommonOptions(TypedDict, total=False):
     sqlite_busy_timeout: float
     sqlite_foreign_keys: bool | None
     sqlite_begin: Literal["immediate", "deferred"]
+    track_session_origin: bool
 
 
 class FactoryOptions(_CommonOptions, total=False):
@@ -106,6 +107,7 @@ SESSION_LEVEL_OPTIONS: Final = frozenset(
         "sync_class_",
         "session_options",
         "sync_connect_args",
+        "track_session_origin",
     }
 )
 # Session keyword arguments the factory sets itself and users may not pass.
@@ -295,6 +297,7 @@ _CHECKS: Final[Mapping[str, Callable[[str, Any], None]]] = {
     "sqlite_busy_timeout": _check_seconds,
     "sqlite_foreign_keys": _check_optional_bool,
     "sqlite_begin": _check_choice(dialects.SQLITE_BEGIN_MODES, optional=False),
+    "track_session_origin": _check_bool,
 }
 
 
@@ -337,6 +340,8 @@ class FactoryConfig:
     sqlite_busy_timeout: float = 5.0
     sqlite_foreign_keys: bool | None = True
     sqlite_begin: Literal["immediate", "deferred"] = "immediate"
+    # diagnostics
+    track_session_origin: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, URL):

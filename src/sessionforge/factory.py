@@ -105,7 +105,7 @@ class SessionFactory(Generic[_AS]):
         """Return a new session; ``overrides`` win over the factory's session options."""
         core = self._core
         session: _AS = core.async_class(bind=core.async_engine(), **core.session_kwargs(overrides))
-        opened_session(session.sync_session)
+        opened_session(session.sync_session, core.config.track_session_origin)
         return session
 
     def begin(
@@ -140,7 +140,7 @@ class SessionFactory(Generic[_AS]):
         )
         if options is not None:
             setattr(session.sync_session, OPTIONS_ATTRIBUTE, options)
-        opened_session(session.sync_session)
+        opened_session(session.sync_session, core.config.track_session_origin)
         return session
 
     async def run_transaction(

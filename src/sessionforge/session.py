@@ -50,6 +50,10 @@ class SyncHookMethods:
         super().invalidate()  # type: ignore[misc]
         _closed(self)
 
+    def __del__(self) -> None:
+        if stats.holds_connection(cast("Session", self)):
+            stats.report_leak(cast("Session", self))
+
 
 def _closed(session: object) -> None:
     sync = cast("Session", session)

@@ -1,26 +1,42 @@
-"""Session and transaction counters of a factory (both twins), for ``status()``.
+"""Session and transaction counters of a factory (both twins), and leak reports.
 
 Counted from session events on the factory's own session class, so every path counts:
-``begin()``, ``commit()`` on a plain session, ``async with session.begin()``.
+``begin()``, ``commit()`` on a plain session, ``async with session.begin()``. The same
+events tell whether a session holds a connection; a session garbage-collected while it
+does is reported with a ``ResourceWarning`` (``report_leak``).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import logging
+import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ["Counters", "FactoryStats", "closed_session", "install", "opened_session"]
+__all__ = [
+    "Counters",
+    "FactoryStats",
+    "closed_session",
+    "install",
+    "opened_session",
+    "report_leak",
+]
+
+logger = logging.getLogger("sessionforge.sessions")
 
 #: Class attribute of a factory's session classes: that factory's ``FactoryStats``.
 STATS: Final = "_sessionforge_stats"
 _OPEN: Final = "_sessionforge_counted_open"
 _CONNECTED: Final = "_sessionforge_connected_transaction"
 _COMMITTED: Final = "_sessionforge_committed_transaction"
+#: Where the session was made (a formatted stack), when ``track_session_origin`` is on.
+ORIGIN: Final = "_sessionforge_origin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +99,11 @@ def install(session_class: type[Session], stats: FactoryStats) -> None:
     event.listen(session_class, "after_transaction_end", _ended)
 
 
-def opened_session(session: Session) -> None:
-    """Count a session the factory just made."""
+def opened_session(session: Session, track_origin: bool) -> None:
+    """Count a session the factory just made (and note where, if asked to)."""
     _stats(session).opened(session)
+    if track_origin:
+        setattr(session, ORIGIN, traceback.format_stack(limit=12)[:-3])
 
 
 def closed_session(session: Session) -> None:
@@ -121,3 +139,35 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
     committed = getattr(session, _COMMITTED, None) is transaction
     setattr(session, _COMMITTED, None)
     _stats(session)._count(committed)
+
+
+def holds_connection(session: Session) -> bool:
+    """Whether ``session`` is in a transaction that reached the database."""
+    return getattr(session, _CONNECTED, None) is not None
+
+
+def report_leak(session: Session) -> None:
+    """Warn that ``session`` was collected while holding a connection (from ``__del__``).
+
+    Sessions that were closed are never reported, and a closed sessionforge session
+    is freed by reference counting at once (it is in no reference cycle), so the
+    report comes from the code that dropped an open session: when the session sits in
+    a cycle (an open transaction is one), the cyclic collector may run it in unrelated
+    code — so if a warnings filter turns the warning into an error, it is logged on
+    ``sessionforge.sessions`` instead of being raised inside the garbage collector.
+    """
+    origin = getattr(session, ORIGIN, None)
+    where = (
+        "; it was made at:\n" + "".join(origin)
+        if origin
+        else " (make the factory with track_session_origin=True to see where it was made)"
+    )
+    message = (
+        f"a {type(session).__name__} was garbage-collected while holding a database "
+        "connection: close every session (`async with db() as session`, "
+        f"`async with db.begin()`, or `await session.close()`){where}"
+    )
+    try:
+        warnings.warn(message, ResourceWarning, stacklevel=2, source=session)
+    except Warning:
+        logger.error(message)

@@ -105,7 +105,7 @@ class SyncSessionFactory(Generic[_S]):
         """Return a new session; ``overrides`` win over the factory's session options."""
         core = self._core
         session = core.sync_class(bind=core.sync_engine(), **core.session_kwargs(overrides))
-        opened_session(session)
+        opened_session(session, core.config.track_session_origin)
         return cast("_S", session)
 
     def begin(
@@ -133,7 +133,7 @@ class SyncSessionFactory(Generic[_S]):
         session = core.sync_class(bind=core.sync_bind(options), **core.session_kwargs(overrides))
         if options is not None:
             setattr(session, OPTIONS_ATTRIBUTE, options)
-        opened_session(session)
+        opened_session(session, core.config.track_session_origin)
         return cast("_S", session)
 
     def run_transaction(
