@@ -97,7 +97,31 @@ def test_bad_url_message_never_shows_the_password() -> None:
     with pytest.raises(ConfigurationError) as raised:
         FactoryConfig.from_url("postgresql://app:hunter2@host:port/db")
     assert "hunter2" not in str(raised.value)
-    assert "app:***@" in str(raised.value)
+    assert "postgresql://***@host:port/db" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("postgresql://u:pa/ss@host:abc/db", id="slash"),
+        pytest.param("postgresql://u:pa?ss#x@host:abc/db", id="query-chars"),
+    ],
+)
+def test_unparsable_url_with_odd_password_characters_is_masked(url: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        FactoryConfig.from_url(url)
+    assert "pa" not in str(raised.value).split("URL", 1)[1].split("expected")[0]
+    assert "***@host:abc/db" in str(raised.value)
+
+
+def test_query_string_passwords_and_dsn_values_are_masked() -> None:
+    db = SessionFactory(
+        "postgresql://app@127.0.0.1/test?password=TOPSECRET",
+        connect_args={"dsn": "x", "server_settings": {"options": "postgresql://a:TOPSECRET@h"}},
+    )
+    for text in (repr(db), repr(db.config), repr(db.sync)):
+        assert "TOPSECRET" not in text
+    assert "password=%2A%2A%2A" in repr(db) or "password=***" in repr(db)
 
 
 def test_unencoded_at_in_password_is_refused_without_leaking_it() -> None:

@@ -221,6 +221,49 @@ async def test_settings_are_transaction_local_on_a_shared_connection(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("twin", TWINS)
+async def test_a_statement_timeout_we_did_not_set_is_the_same_error_not_ours(
+    twin: str, pg_url: str
+) -> None:
+    # A server-, role- or SET LOCAL statement_timeout (SQLSTATE 57014) without timeout=
+    # is the database's error: re-raised as it is, never a TransactionTimeoutError.
+    db = SessionFactory(pg_url)
+    sql = "SELECT pg_sleep(1)"
+    try:
+        for options in ({}, {"settings": {"statement_timeout": "50"}}, {"readonly": True}):
+            with pytest.raises(DBAPIError, match="statement timeout"):
+                if twin == "async":
+                    async with db.begin(**options) as session:
+                        await session.execute(text("SET LOCAL statement_timeout = 50"))
+                        await session.execute(text(sql))
+                else:
+                    with db.sync.begin(**options) as sync_session:
+                        sync_session.execute(text("SET LOCAL statement_timeout = 50"))
+                        sync_session.execute(text(sql))
+        assert db.status().checked_out == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_failed_begin_disarms_its_deadline(make_factory: FactoryMaker) -> None:
+    from sqlalchemy import event
+
+    db = make_factory()
+    failures = [ValueError("listener failed once")]
+
+    def fail_once(*_args: Any) -> None:
+        if failures:
+            raise failures.pop()
+
+    event.listen(db, "after_transaction_create", fail_once)
+    with pytest.raises(ValueError, match="listener failed once"):
+        async with db.begin(timeout=0.05):
+            pass
+    await asyncio.sleep(0.2)  # the stale deadline would cancel this task here
+    assert db.status().checked_out == 0
+
+
+@pytest.mark.postgres
 async def test_settings_apply_to_savepoints_of_the_transaction(pg_url: str) -> None:
     db = SessionFactory(pg_url)
     try:

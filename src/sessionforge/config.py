@@ -31,8 +31,7 @@ __all__ = ["DEFAULT_URL", "FactoryConfig", "FactoryOptions", "SyncFactoryOptions
 DEFAULT_URL: Final = "sqlite+aiosqlite:///sessionforge.db"
 DEFAULT_PING_AFTER: Final = 1.0
 
-_SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
-_RAW_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+_SECRET_KEY = re.compile(r"pass|secret|token|key|credential|dsn", re.IGNORECASE)
 
 
 class _CommonOptions(TypedDict, total=False):
@@ -115,17 +114,39 @@ _FACTORY_OWNED: Final = frozenset({"bind", "binds", "sync_session_class", "class
 
 
 def mask_url(url: URL | str) -> str:
-    """Render ``url`` with its password replaced by ``***``."""
+    """Render ``url`` with its password (and password-like query values) as ``***``.
+
+    A string that did not parse as a URL gets its whole user-info part masked, up to
+    the last ``@`` of the authority, whatever characters the password holds.
+    """
     if isinstance(url, URL):
+        secret = {key: "***" for key in url.query if _SECRET_KEY.search(key)}
+        if secret:
+            url = url.update_query_dict(secret)
         return url.render_as_string(hide_password=True)
-    return _RAW_PASSWORD.sub(r"\1***@", url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def mask_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy ``values`` with anything that looks like a secret replaced by ``***``."""
-    return {
-        k: "***" if isinstance(k, str) and _SECRET_KEY.search(k) else v for k, v in values.items()
-    }
+    """Copy ``values`` with anything that looks like a secret replaced by ``***``.
+
+    Keys that name a secret are masked; string values are masked like URLs (a DSN
+    under an innocent key); nested mappings are masked the same way.
+    """
+    masked: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(key, str) and _SECRET_KEY.search(key):
+            masked[key] = "***"
+        elif isinstance(value, Mapping):
+            masked[key] = mask_mapping(value)
+        elif isinstance(value, str):
+            masked[key] = mask_url(value)
+        else:
+            masked[key] = value
+    return masked
 
 
 def parse_url(raw: str | URL) -> URL:

@@ -87,7 +87,7 @@ class FactoryCore(Generic[_AS]):
         self._loop_engines = LoopEngines(lambda: build_async_engine(self.config))
         self._sync_engine = sync_engine
         self._async_binds: dict[tuple[AsyncEngine, tuple[tuple[str, Any], ...]], AsyncEngine] = {}
-        self._sync_binds: dict[tuple[tuple[str, Any], ...], Engine] = {}
+        self._sync_binds: dict[tuple[Engine, tuple[tuple[str, Any], ...]], Engine] = {}
         self._lock = threading.Lock()
         self._session_defaults: tuple[FactoryConfig, dict[str, Any]] | None = None
         self.current_async: CurrentSession[_AS] = CurrentSession("sessionforge_current")
@@ -199,10 +199,10 @@ class FactoryCore(Generic[_AS]):
         engine = self.sync_engine()
         if options is None or not options.execution_options:
             return engine
-        bind = self._sync_binds.get(options.cache_key)
+        key = (engine, options.cache_key)  # never an option engine over a disposed one
+        bind = self._sync_binds.get(key)
         if bind is None:
-            bind = engine.execution_options(**options.execution_options)
-            self._sync_binds[options.cache_key] = bind
+            bind = self._sync_binds[key] = engine.execution_options(**options.execution_options)
         return bind
 
     def forget_engines(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -403,7 +404,10 @@ class AsyncBeginContext(Generic[_AS]):
                 self._deadline = asyncio.timeout(self._options.timeout)
                 await self._deadline.__aenter__()
             self._transaction = await self._session.begin()
-        except BaseException:
+        except BaseException as error:
+            if self._deadline is not None:  # disarm it: it must not cancel later code
+                with contextlib.suppress(BaseException):
+                    await self._deadline.__aexit__(type(error), error, error.__traceback__)
             await run_to_completion(self._session.close())
             raise
         return self._session
@@ -423,8 +427,13 @@ class AsyncBeginContext(Generic[_AS]):
                 await self._deadline.__aexit__(exc_type, exc, tb)
             except TimeoutError as expired:
                 exc_type, exc, timed_out = TimeoutError, expired, True
-        if exc is not None and dialects.is_statement_timeout(exc):
-            timed_out = True
+        if (
+            exc is not None
+            and self._options is not None
+            and self._options.timeout is not None
+            and dialects.is_statement_timeout(exc)
+        ):
+            timed_out = True  # our transaction-local statement_timeout fired
         try:
             try:
                 if timed_out and self._options is not None and self._options.invalidate_on_timeout:
