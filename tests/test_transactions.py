@@ -245,6 +245,34 @@ async def test_a_statement_timeout_we_did_not_set_is_the_same_error_not_ours(
         await db.dispose()
 
 
+@pytest.mark.postgres
+async def test_an_admin_cancel_is_not_reported_as_our_timeout(pg_url: str, prefix: str) -> None:
+    name = f"{prefix}-cancelled"
+    db = SessionFactory(pg_url, application_name=name)
+    admin = create_engine(db.config.sync_url, poolclass=NullPool)
+
+    def cancel_when_running() -> None:
+        query = text(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = :name AND query LIKE 'SELECT pg_sleep%'"
+        )
+        for _ in range(100):
+            with admin.connect() as connection:
+                if connection.execute(query, {"name": name}).scalar():
+                    return
+            time.sleep(0.05)
+
+    try:
+        canceller = asyncio.create_task(asyncio.to_thread(cancel_when_running))
+        with pytest.raises(DBAPIError, match="user request"):
+            async with db.begin(timeout=30) as session:
+                await session.execute(text("SELECT pg_sleep(10)"))
+        await canceller
+    finally:
+        admin.dispose()
+        await db.dispose()
+
+
 async def test_a_failed_begin_disarms_its_deadline(make_factory: FactoryMaker) -> None:
     from sqlalchemy import event
 

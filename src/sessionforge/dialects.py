@@ -522,5 +522,12 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def is_statement_timeout(exc: BaseException) -> bool:
-    """True when the server cancelled a statement for ``statement_timeout``."""
-    return any(_sqlstate(error) == _STATEMENT_TIMEOUT_SQLSTATE for error in _driver_errors(exc))
+    """True when the server cancelled a statement for ``statement_timeout``.
+
+    SQLSTATE 57014 also covers a cancel by ``pg_cancel_backend`` ("due to user
+    request"): only the statement-timeout wording counts.
+    """
+    return any(
+        _sqlstate(error) == _STATEMENT_TIMEOUT_SQLSTATE and "statement timeout" in str(error)
+        for error in _driver_errors(exc)
+    )
