@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from sessionforge import FactoryConfig, SessionFactory
@@ -120,13 +120,9 @@ async def db(make_factory: FactoryMaker, models: Models) -> AsyncIterator[Sessio
 @pytest.fixture
 def outside(db: SessionFactory[Any]) -> Iterator[Engine]:
     """An engine of its own (no pool, no presets) to look at the database from outside."""
-    engine = create_engine(sync_url(db.config), poolclass=NullPool)
+    engine = create_engine(db.config.sync_url, poolclass=NullPool)
     yield engine
     engine.dispose()
-
-
-def sync_url(config: FactoryConfig) -> URL:
-    return config.sync_url
 
 
 def count_rows(engine: Engine, table: str) -> int:

@@ -64,11 +64,11 @@ def _closed(session: object) -> None:
 class AsyncHookMethods:
     """The same on async sessions, where ``fn`` may also be an async function.
 
-    Also the one-task-at-a-time guard: every awaitable method of ``AsyncSession`` is
-    wrapped (below) to note the task using the session while the call is in flight; a
-    second task calling in meanwhile gets ``ConcurrentSessionUseError`` at once, before
-    it touches the session, so the first task's work is not disturbed. Sequential use
-    from different tasks stays allowed.
+    Also the one-task-at-a-time guard: every awaitable I/O method of ``AsyncSession`` is
+    wrapped (per factory class, in ``make_session_classes``) to note the task using the
+    session while the call is in flight; a second task calling in meanwhile gets
+    ``ConcurrentSessionUseError`` at once, before it touches the session, so the first
+    task's work is not disturbed. Sequential use from different tasks stays allowed.
     """
 
     sync_session: Session
