@@ -27,8 +27,20 @@ check: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_factory
+# `make bench`: the suite on a temporary SQLite file, then on PostgreSQL when reachable
+# ($SESSIONFORGE_BENCH_URL, default below); each writes docs/benchmarks/suite-*.png and
+# results.md. About 5 minutes on 2 cores. BENCH_ARGS=--quick for a one-minute smoke run.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_URL ?= $(or $(SESSIONFORGE_BENCH_URL),postgresql+asyncpg://postgres@127.0.0.1:5432/test)
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.suite --url sqlite $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.suite --url '$(BENCH_URL)' --skip-unreachable $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache sessionforge-demo.db*

@@ -20,14 +20,12 @@ Run: ``python -m benchmarks.bench_factory --rounds 5 --seconds 1.5``
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
-import aiosqlite
 from sqlalchemy import insert
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -40,6 +38,7 @@ from sessionforge import SessionFactory
 
 from . import harness
 from .harness import Contender, Params
+from .raw import AsyncpgPool, SqlitePool, open_pool, raw_name
 
 SCENARIO = "factory"
 BASELINE = "bare async_sessionmaker"
@@ -90,42 +89,25 @@ def sessionforge_contender(db: SessionFactory[AsyncSession]) -> Contender:
     return Contender("sessionforge", op)
 
 
-async def asyncpg_contender(url: str, pool_size: int, stack: AsyncExitStack) -> Contender:
-    """A raw ``asyncpg`` pool; ``conn.transaction()`` sends BEGIN and COMMIT as SQLA does."""
-    import asyncpg
+def raw_transaction(pool: AsyncpgPool | SqlitePool) -> Callable[[], Awaitable[None]]:
+    """BEGIN, one primary-key SELECT, COMMIT on a raw pooled connection."""
+    sql = SELECT_SQL + pool.placeholder
+    if isinstance(pool, AsyncpgPool):
 
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
-    stack.push_async_callback(pool.close)
-    sql = SELECT_SQL + "$1"
+        async def pg_work() -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.fetchrow(sql, random_id())
 
-    async def op() -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.fetchrow(sql, random_id())
+        return pg_work
+    sqlite_pool = pool
 
-    return Contender("raw asyncpg", op)
-
-
-async def aiosqlite_contender(url: str, pool_size: int, stack: AsyncExitStack) -> Contender:
-    """Raw ``aiosqlite`` connections in a queue: BEGIN, one fetch, COMMIT."""
-    path = make_url(url).database or ""
-    idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-    for _ in range(pool_size):
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        stack.push_async_callback(conn.close)
-        idle.put_nowait(conn)
-    sql = SELECT_SQL + "?"
-
-    async def op() -> None:
-        conn = await idle.get()
-        try:
+    async def lite_work() -> None:
+        async with sqlite_pool.acquire() as conn:
             await conn.execute("BEGIN")
             await conn.execute_fetchall(sql, (random_id(),))
-            await conn.execute("COMMIT")
-        finally:
-            idle.put_nowait(conn)
+            await conn.commit()
 
-    return Contender("raw aiosqlite", op)
+    return lite_work
 
 
 async def create_table(engine: AsyncEngine) -> None:
@@ -143,26 +125,42 @@ async def drop_table(engine: AsyncEngine) -> None:
         await conn.run_sync(Base.metadata.drop_all)
 
 
+def pooled_engine(params: Params, stack: AsyncExitStack, **options: Any) -> AsyncEngine:
+    """``create_async_engine`` with the scenario's pool, disposed when ``stack`` unwinds."""
+    engine = create_async_engine(params.url, pool_size=params.pool_size, max_overflow=0, **options)
+    stack.push_async_callback(engine.dispose)
+    return engine
+
+
+def pooled_factory(
+    params: Params, stack: AsyncExitStack, **options: Any
+) -> SessionFactory[AsyncSession]:
+    """``SessionFactory`` with the scenario's pool, disposed when ``stack`` unwinds."""
+    db = SessionFactory(params.url, pool_size=params.pool_size, max_overflow=0, **options)
+    stack.push_async_callback(db.dispose)
+    return db
+
+
+async def item_table(params: Params, stack: AsyncExitStack, **options: Any) -> AsyncEngine:
+    """A pooled engine on a freshly filled ``sf_bench_item``, dropped when ``stack`` unwinds."""
+    engine = pooled_engine(params, stack, **options)
+    await create_table(engine)
+    stack.push_async_callback(drop_table, engine)
+    return engine
+
+
 @asynccontextmanager
 async def contenders(params: Params) -> AsyncIterator[Sequence[Contender]]:
     """Create the table, yield the contenders, then dispose of them and drop the table."""
-    url, size = params.url, params.pool_size
     async with AsyncExitStack() as stack:
-        bare = create_async_engine(url, pool_size=size, max_overflow=0)
-        stack.push_async_callback(bare.dispose)
-        await create_table(bare)
-        stack.push_async_callback(drop_table, bare)
-        pinged = create_async_engine(url, pool_size=size, max_overflow=0, pool_pre_ping=True)
-        stack.push_async_callback(pinged.dispose)
-        db = SessionFactory(url, pool_size=size, max_overflow=0)
-        stack.push_async_callback(db.dispose)
-
-        backend = make_url(url).get_backend_name()
+        bare = await item_table(params, stack)
+        pinged = pooled_engine(params, stack, pool_pre_ping=True)
+        db = pooled_factory(params, stack)
         chosen = [sessionforge_contender(db), sqlalchemy_contender(BASELINE, bare)]
-        if backend == "postgresql":
-            chosen.append(await asyncpg_contender(url, size, stack))
-        elif backend == "sqlite":
-            chosen.append(await aiosqlite_contender(url, size, stack))
+        name = raw_name(params.url)
+        if name is not None:
+            pool = await open_pool(params.url, params.pool_size, stack)
+            chosen.append(Contender(name, raw_transaction(pool)))
         chosen.append(sqlalchemy_contender("async_sessionmaker + pre_ping", pinged))
         yield chosen
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -34,10 +35,23 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-__all__ = ["Contender", "Params", "Report", "Sample", "main", "measure", "run"]
+__all__ = [
+    "Contender",
+    "Overall",
+    "Params",
+    "Report",
+    "Sample",
+    "document",
+    "main",
+    "measure",
+    "run",
+]
 
-URL_ENV: str = "SESSIONFORGE_BENCH_POSTGRES_URL"
+URL_ENV: str = "SESSIONFORGE_BENCH_URL"
+# The name the first scenario scripts read; still honoured, after URL_ENV.
+OLD_URL_ENV: str = "SESSIONFORGE_BENCH_POSTGRES_URL"
 DEFAULT_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+BENCH_EXTRA_HINT: str = "pip install 'sessionforge[bench]'"
 BENCH_DIR: Path = Path(__file__).resolve().parent
 RESULTS_DIR: Path = BENCH_DIR / "results"
 _VERSIONED = ("sessionforge", "sqlalchemy", "asyncpg", "aiosqlite", "greenlet", "psycopg")
@@ -45,10 +59,16 @@ _VERSIONED = ("sessionforge", "sqlalchemy", "asyncpg", "aiosqlite", "greenlet", 
 
 @dataclass(frozen=True)
 class Contender:
-    """One way of doing the operation under test; ``op`` performs it once."""
+    """One way of doing the operation under test; ``op`` performs it once.
+
+    ``after``, when given, runs after each measured window (not after the warm-up) and
+    returns figures to record for that round, e.g. outcome counts or the pool's
+    checked-out connections; they land in ``Report.notes`` and in the JSON.
+    """
 
     name: str
     op: Callable[[], Awaitable[object]]
+    after: Callable[[], Awaitable[Mapping[str, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class Report:
     ops_per_s: dict[str, list[float]] = field(default_factory=dict)
     cpu_us_per_op: dict[str, list[float]] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def ratios(self, name: str) -> list[float]:
         """Per-round throughput of ``name`` divided by the baseline's, same round."""
@@ -170,13 +191,49 @@ async def run(
             )
             report.ops_per_s[contender.name].append(sample.ops_per_s)
             report.cpu_us_per_op[contender.name].append(sample.cpu_us_per_op)
+            if contender.after is not None:
+                figures = dict(await contender.after())
+                report.notes.setdefault(contender.name, []).append(figures)
+            if OVERALL is not None:
+                OVERALL.done += 1
             progress(f"{where}: {sample.ops_per_s:,.0f} ops/s")
     progress("")
     return report
 
 
+@dataclass
+class Overall:
+    """Progress over a whole suite: measurements done of ``total``, and time left."""
+
+    total: int
+    label: str = ""
+    done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def prefix(self) -> str:
+        share = self.done / self.total if self.total else 1.0
+        elapsed = time.perf_counter() - self.started
+        left = f", ~{elapsed / share - elapsed:.0f}s left" if self.done else ""
+        return f"[{share:4.0%}{left}] {self.label} "
+
+
+# Set by a suite (benchmarks/suite.py) to prefix every progress line.
+OVERALL: Overall | None = None
+
+
+def installed(module: str) -> bool:
+    """Whether an optional contender's library (the ``bench`` extra) can be imported."""
+    if importlib.util.find_spec(module) is not None:
+        return True
+    progress("")
+    sys.stderr.write(f"skipping the {module} contender: not installed ({BENCH_EXTRA_HINT})\n")
+    return False
+
+
 def progress(message: str) -> None:
     """Show one progress line on stderr, overwritten in place on a terminal."""
+    if message and OVERALL is not None:
+        message = OVERALL.prefix() + message
     if sys.stderr.isatty():
         sys.stderr.write(f"\r\x1b[2K{message}")
     elif message:
@@ -273,13 +330,11 @@ def masked(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def write_json(report: Report, path: Path | None) -> Path:
-    """Write the raw numbers, summaries and machine info; return the file's path."""
-    now = datetime.now(UTC)
-    if path is None:
-        path = RESULTS_DIR / f"{report.scenario}-{now:%Y%m%dT%H%M%SZ}.json"
+def document(report: Report, now: datetime | None = None) -> dict[str, Any]:
+    """The raw numbers, summaries and machine info of ``report``, as JSON-ready data."""
+    now = now or datetime.now(UTC)
     params = asdict(report.params) | {"url": masked(report.params.url)}
-    document = {
+    return {
         "scenario": report.scenario,
         "created": now.isoformat(),
         "machine": report.machine,
@@ -291,12 +346,24 @@ def write_json(report: Report, path: Path | None) -> Path:
                 "ops_per_s": {name: report.ops_per_s[name][i] for name in order},
                 "cpu_us_per_op": {name: report.cpu_us_per_op[name][i] for name in order},
             }
+            | (
+                {"notes": {name: notes[i] for name, notes in report.notes.items()}}
+                if report.notes
+                else {}
+            )
             for i, order in enumerate(report.orders)
         ],
         "summary": report.summary(),
     }
+
+
+def write_json(report: Report, path: Path | None) -> Path:
+    """Write the raw numbers, summaries and machine info; return the file's path."""
+    now = datetime.now(UTC)
+    if path is None:
+        path = RESULTS_DIR / f"{report.scenario}-{now:%Y%m%dT%H%M%SZ}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(json.dumps(document(report, now), indent=2) + "\n")
     return path
 
 
@@ -320,7 +387,7 @@ def parse_args(scenario: str, description: str, argv: Sequence[str] | None) -> a
     add("--pool-size", type=int, default=10, help="connection pool size of every contender")
     add(
         "--url",
-        default=os.environ.get(URL_ENV) or DEFAULT_URL,
+        default=os.environ.get(URL_ENV) or os.environ.get(OLD_URL_ENV) or DEFAULT_URL,
         help=f"database URL (default: ${URL_ENV} if set, else {DEFAULT_URL})",
     )
     add(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,18 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
+# SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge runs the SQLite cases on sqlite+sessionforge.
+SQLITE_DRIVER = os.environ.get("SESSIONFORGE_TEST_SQLITE_DRIVER", "")
+SQLITE_SCHEME = f"sqlite+{SQLITE_DRIVER}" if SQLITE_DRIVER else "sqlite"
+
+
 @pytest.fixture
 def db_url(backend: str, tmp_path: Path) -> str:
     """A database URL for ``backend``, as a user would write it."""
     if backend == "sqlite-file":
-        return f"sqlite:///{tmp_path / 'test.db'}"
+        return f"{SQLITE_SCHEME}:///{tmp_path / 'test.db'}"
     if backend == "sqlite-memory":
-        return "sqlite://"
+        return f"{SQLITE_SCHEME}://"
     require_postgres()
     return PG_URL
 
@@ -106,15 +111,36 @@ async def make_factory(db_url: str) -> AsyncIterator[FactoryMaker]:
         await factory.dispose()
 
 
+DbMaker = Callable[..., Awaitable[SessionFactory[Any]]]
+
+
 @pytest.fixture
-async def db(make_factory: FactoryMaker, models: Models) -> AsyncIterator[SessionFactory[Any]]:
+async def make_db(make_factory: FactoryMaker, models: Models) -> AsyncIterator[DbMaker]:
+    """Factories (options as ``make_factory``) with this test's tables created.
+
+    The tables are dropped again at teardown, before the factories are disposed.
+    """
+    made: list[SessionFactory[Any]] = []
+
+    async def make(
+        target: str | FactoryConfig | None = None, **options: Any
+    ) -> SessionFactory[Any]:
+        factory = make_factory(target, **options)
+        async with factory.engine.begin() as connection:
+            await connection.run_sync(models.metadata.create_all)
+        made.append(factory)
+        return factory
+
+    yield make
+    for factory in made:
+        async with factory.engine.begin() as connection:
+            await connection.run_sync(models.metadata.drop_all)
+
+
+@pytest.fixture
+async def db(make_db: DbMaker) -> SessionFactory[Any]:
     """A factory with this test's tables created (and dropped again at teardown)."""
-    factory = make_factory()
-    async with factory.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
-    yield factory
-    async with factory.engine.begin() as connection:
-        await connection.run_sync(models.metadata.drop_all)
+    return await make_db()
 
 
 @pytest.fixture

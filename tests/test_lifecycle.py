@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sessionforge import DatabaseUnavailableError, SessionFactory, SyncSessionFactory
 
-from .conftest import FactoryMaker
+from .conftest import DbMaker, FactoryMaker
 from .models import Models
 
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
@@ -39,25 +39,19 @@ async def test_ping_returns_round_trip_seconds(twin: str, make_factory: FactoryM
 
 
 async def test_ping_leaves_the_pooled_connection_transactional(
-    make_factory: FactoryMaker, models: Models
+    make_db: DbMaker, models: Models
 ) -> None:
     # ping() runs its SELECT in AUTOCOMMIT; the one pooled connection must come back
     # to the next user in its normal transactional mode.
-    db = make_factory(pool_size=1, max_overflow=0)
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
-    try:
-        await db.ping()
-        with pytest.raises(RuntimeError, match="undo"):
-            async with db.begin() as session:
-                session.add(models.Item(name="rolled back"))
-                await session.flush()
-                raise RuntimeError("undo")
-        async with db() as session:
-            assert await session.scalar(select(func.count()).select_from(models.Item)) == 0
-    finally:
-        async with db.engine.begin() as connection:
-            await connection.run_sync(models.metadata.drop_all)
+    db = await make_db(pool_size=1, max_overflow=0)
+    await db.ping()
+    with pytest.raises(RuntimeError, match="undo"):
+        async with db.begin() as session:
+            session.add(models.Item(name="rolled back"))
+            await session.flush()
+            raise RuntimeError("undo")
+    async with db() as session:
+        assert await session.scalar(select(func.count()).select_from(models.Item)) == 0
 
 
 @pytest.mark.parametrize("twin", TWINS)

@@ -52,7 +52,9 @@ def run_script(body: str, url: str, application_name: str = "sf-loops") -> str:
 @pytest.fixture
 def loop_url(db_url: str, tmp_path: Path) -> str:
     # An in-memory database would not outlive a loop's engine; use a file for SQLite.
-    return f"sqlite:///{tmp_path / 'loops.db'}" if db_url == "sqlite://" else db_url
+    if db_url.startswith("sqlite") and db_url.endswith("://"):  # either driver
+        return f"{db_url}/{tmp_path / 'loops.db'}"
+    return db_url
 
 
 def test_one_factory_across_successive_asyncio_run_calls(loop_url: str) -> None:

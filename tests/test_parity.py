@@ -210,6 +210,33 @@ async def test_begin_closes_the_session_when_commit_fails(
 
 
 @pytest.mark.parametrize("twin", TWINS)
+async def test_failed_commit_returns_a_clean_connection(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # SQLite keeps its transaction open when COMMIT fails (deferred foreign key) while
+    # SQLAlchemy 2.1 skips the pool's rollback: the next BEGIN failed ("cannot start a
+    # transaction within a transaction" / "database is locked") before the fix.
+    if twin == "async":
+        async with db() as session:
+            session.add(models.Child(id=1, parent_id=999))
+            with pytest.raises(IntegrityError):
+                await session.commit()
+        async with db.begin() as session:
+            session.add(models.Item(name="next"))
+    else:
+        with db.sync() as sync_session:
+            sync_session.add(models.Child(id=1, parent_id=999))
+            with pytest.raises(IntegrityError):
+                sync_session.commit()
+        with db.sync.begin() as sync_session:
+            sync_session.add(models.Item(name="next"))
+    assert count_rows(outside, models.item) == 1
+    assert count_rows(outside, models.child) == 0
+    assert db.status().checked_out == 0
+    assert db.sync.status().checked_out == 0
+
+
+@pytest.mark.parametrize("twin", TWINS)
 async def test_begin_session_is_usable_again_after_close(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:

@@ -376,3 +376,73 @@ async def test_postgres_idle_connection_is_pinged_after_threshold(pg_url: str) -
             assert await session.scalar(PID) != killed
     finally:
         await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_postgres_server_killing_idle_connections_is_hidden_like_pre_ping(
+    pg_url: str, prefix: str
+) -> None:
+    # The server (an idle timeout, a failover, an admin) kills every pooled connection
+    # while the pool sits idle past ping_after. Like pool_pre_ping=True, the policy
+    # replaces them at checkout: no caller sees an error.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    name = f"{prefix}-idle"
+    db = SessionFactory(pg_url, application_name=name, ping_after=0.2, pool_size=3)
+    pinged = create_async_engine(
+        db.url,
+        pool_pre_ping=True,
+        pool_size=3,
+        connect_args={"server_settings": {"application_name": f"{name}-pp"}},
+    )
+    killer = create_engine(SessionFactory(pg_url).config.sync_url, poolclass=NullPool)
+
+    async def pids_of_three(connect: Any) -> set[int]:
+        async def one() -> int:
+            async with connect() as connection:
+                await asyncio.sleep(0.05)  # three at once: three connections
+                return int(await connection.scalar(PID))
+
+        return set(await asyncio.gather(one(), one(), one()))
+
+    try:
+        outcomes = []
+        for connect, app_name in ((db.engine.connect, name), (pinged.connect, f"{name}-pp")):
+            before = await pids_of_three(connect)
+            await asyncio.sleep(0.3)  # idle past ping_after
+            with killer.connect() as connection:
+                killed = connection.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = :name"
+                    ),
+                    {"name": app_name},
+                )
+            assert killed == len(before) == 3
+            after = await pids_of_three(connect)  # would raise if a caller met a dead one
+            outcomes.append((len(after), before.isdisjoint(after)))
+        assert outcomes == [(3, True), (3, True)]
+    finally:
+        killer.dispose()
+        await pinged.dispose()
+        await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_postgres_liveness_ping_is_one_round_trip(pg_url: str) -> None:
+    # asyncpg's own ping is BEGIN + SELECT + ROLLBACK; ours is one simple query.
+    db = SessionFactory(pg_url, ping_after=0, pool_size=1, max_overflow=0)
+    try:
+        async with db() as session:
+            raw = (await session.connection()).sync_connection
+            assert raw is not None
+            driver = raw.connection.driver_connection
+            assert driver is not None
+        sent: list[str] = []
+        driver.add_query_logger(lambda record: sent.append(record.query))
+        async with db() as session:  # checkout: pinged, as it is idle past ping_after=0
+            assert await session.scalar(text("SELECT 42")) == 42
+        assert sent[0] == ";"
+        assert not any(query.upper().startswith(("BEGIN", "ROLLBACK")) for query in sent[:2])
+    finally:
+        await db.dispose()

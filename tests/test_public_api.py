@@ -21,7 +21,9 @@ EXPECTED = [
     "HookError",
     "NestedTransactionError",
     "NoCurrentSessionError",
+    "ReadOnlySessionError",
     "RetryExhaustedError",
+    "SessionClosedError",
     "SessionFactory",
     "SessionForgeError",
     "SyncBeginContext",
@@ -49,6 +51,8 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
         errors.NestedTransactionError: RuntimeError,
         errors.TransactionTimeoutError: TimeoutError,
         errors.RetryExhaustedError: Exception,
+        errors.SessionClosedError: RuntimeError,
+        errors.ReadOnlySessionError: RuntimeError,
     }
     assert sorted(errors.__all__) == sorted([*(c.__name__ for c in kin), "SessionForgeError"])
     for error, base in kin.items():
@@ -66,7 +70,7 @@ def test_retry_exhausted_carries_the_last_error() -> None:
 
 def test_import_does_not_pull_in_web_frameworks_or_pytest() -> None:
     code = (
-        "import sys, sessionforge; "
+        "import sys, sessionforge, sessionforge.asgi; "
         "bad = [m for m in ('fastapi', 'starlette', 'pytest', 'asyncpg', 'psycopg') "
         "if m in sys.modules]; print(bad)"
     )

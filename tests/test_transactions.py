@@ -252,9 +252,12 @@ async def test_an_admin_cancel_is_not_reported_as_our_timeout(pg_url: str, prefi
     admin = create_engine(db.config.sync_url, poolclass=NullPool)
 
     def cancel_when_running() -> None:
+        # The sleep must be *running*: asyncpg prepares the statement first, and between
+        # the prepare and the execute pg_stat_activity already shows its text while the
+        # backend is idle; a cancel that lands then is ignored and the sleep runs to the end.
         query = text(
             "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = :name AND query LIKE 'SELECT pg_sleep%'"
+            "WHERE application_name = :name AND state = 'active' AND wait_event = 'PgSleep'"
         )
         for _ in range(100):
             with admin.connect() as connection:

@@ -17,7 +17,9 @@ from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
 from .errors import NestedTransactionError as NestedTransactionError
 from .errors import NoCurrentSessionError as NoCurrentSessionError
+from .errors import ReadOnlySessionError as ReadOnlySessionError
 from .errors import RetryExhaustedError as RetryExhaustedError
+from .errors import SessionClosedError as SessionClosedError
 from .errors import SessionForgeError as SessionForgeError
 from .errors import TransactionTimeoutError as TransactionTimeoutError
 from .factory import AsyncBeginContext as AsyncBeginContext
@@ -44,7 +46,9 @@ __all__ = [
     "HookError",
     "NestedTransactionError",
     "NoCurrentSessionError",
+    "ReadOnlySessionError",
     "RetryExhaustedError",
+    "SessionClosedError",
     "SessionFactory",
     "SessionForgeError",
     "SyncBeginContext",

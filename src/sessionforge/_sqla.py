@@ -15,8 +15,16 @@
 3. Loading a dialect class for the async or the sync engine, to check at factory
    construction that its driver is installed (``URL.get_dialect(_is_async=...)``).
 
-If a SQLAlchemy upgrade breaks either, the tests ``test_events_*`` and
-``test_missing_driver_*`` fail first.
+4. A one-round-trip liveness ping on asyncpg. The adapter's ``ping()`` wraps its
+   ``SELECT`` in BEGIN/ROLLBACK — three round trips — because asyncpg's ``fetchrow``
+   prepares a statement, which PgBouncer in transaction mode could route to another
+   server connection (SQLAlchemy #10226). asyncpg's ``Connection.execute(sql)`` without
+   arguments uses the simple query protocol: one round trip, nothing prepared, so safe
+   behind PgBouncer too. We reach the asyncpg connection through the adapter's
+   ``_connection`` and its open-transaction marker ``_transaction``.
+
+If a SQLAlchemy upgrade breaks any of these, the tests ``test_events_*``,
+``test_missing_driver_*`` and ``test_postgres_liveness_ping_*`` fail first.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.events import SessionEvents
+from sqlalchemy.util import await_
 from sqlalchemy.util.concurrency import in_greenlet as in_greenlet
 
-__all__ = ["EVENT_TARGET_ATTRIBUTE", "in_greenlet", "load_dialect"]
+__all__ = ["EVENT_TARGET_ATTRIBUTE", "in_greenlet", "load_dialect", "ping"]
 
 #: Attribute a factory sets to the ``Session`` subclass its events belong to.
 EVENT_TARGET_ATTRIBUTE = "_sessionforge_event_target"
@@ -63,3 +72,16 @@ _FactorySessionEvents = type(
 def load_dialect(url: URL, *, is_async: bool) -> type[Dialect]:
     """Return the dialect class an (async) engine for ``url`` would use."""
     return url.get_dialect(_is_async=is_async)
+
+
+def ping(dialect: Dialect, dbapi_connection: Any) -> None:
+    """Check that ``dbapi_connection`` answers: one round trip on asyncpg (see 4. above)."""
+    driver_connection = getattr(dbapi_connection, "_connection", None)
+    if (
+        dialect.driver == "asyncpg"
+        and driver_connection is not None
+        and getattr(dbapi_connection, "_transaction", None) is None
+    ):
+        await_(driver_connection.execute(";"))
+    else:
+        dialect.do_ping(dbapi_connection)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Literal, TypeVar, cast
 
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from . import dialects
 from .config import (
     ENGINE_OPTIONS,
     PRESET_OPTIONS,
@@ -31,11 +32,11 @@ from .context import CurrentSession
 from .engines import EngineStatus, build_async_engine, build_sync_engine, engine_status
 from .errors import ConfigurationError, DatabaseUnavailableError
 from .loops import LoopEngines
-from .session import make_session_classes
+from .session import make_session_classes, reader_classes
 from .stats import FactoryStats
-from .transactions import TransactionOptions, transaction_options
+from .transactions import TransactionOptions, reader_options, transaction_options
 
-__all__ = ["FactoryCore", "FactoryStatus", "resolve_target", "unavailable"]
+__all__ = ["FactoryCore", "FactoryStatus", "IsolatedConnection", "resolve_target", "unavailable"]
 
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -62,6 +63,26 @@ class FactoryStatus:
     transactions_committed: int = 0
     transactions_rolled_back: int = 0
     transactions_retried: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IsolatedConnection:
+    """The one connection every session of a factory is bound to, for a while.
+
+    Set on ``FactoryCore.isolation`` by ``sessionforge.testing.isolated``: sessions of
+    the isolated twin bind to ``connection`` (inside its outer transaction) with
+    ``join_transaction_mode="create_savepoint"``, so their COMMIT releases a SAVEPOINT.
+    """
+
+    connection: AsyncConnection | Connection
+
+    def refuse(self, twin: Literal["async", "sync"]) -> ConfigurationError:
+        other = "sync" if twin == "async" else "async"
+        return ConfigurationError(
+            f"the {other} twin of this factory is isolated for a test, so a session of its "
+            f"{twin} twin would write to the database for real; isolate the twin the code "
+            "under test uses (isolated(db) or isolated(db.sync))"
+        )
 
 
 class FactoryCore(Generic[_AS]):
@@ -92,6 +113,9 @@ class FactoryCore(Generic[_AS]):
         self._session_defaults: tuple[FactoryConfig, dict[str, Any]] | None = None
         self.current_async: CurrentSession[_AS] = CurrentSession("sessionforge_current")
         self.current_sync: CurrentSession[Session] = CurrentSession("sessionforge_current_sync")
+        self._reader: tuple[TransactionOptions, type[_AS], type[Session]] | None = None
+        #: Set while ``sessionforge.testing.isolated`` routes this factory's sessions.
+        self.isolation: IsolatedConnection | None = None
 
     # sessions ----------------------------------------------------------------------
 
@@ -104,6 +128,8 @@ class FactoryCore(Generic[_AS]):
         defaults = self._session_defaults
         if defaults is None or defaults[0] is not self.config:
             defaults = self._session_defaults = (self.config, self.config.session_kwargs())
+        if self.isolation is not None:
+            overrides = {**overrides, "join_transaction_mode": "create_savepoint"}
         if not overrides:
             return dict(defaults[1])  # Session copies `info`: sharing its dict is safe
         for name in overrides:
@@ -165,6 +191,17 @@ class FactoryCore(Generic[_AS]):
                     engine = self._sync_engine = build_sync_engine(self.config)
         return engine
 
+    def reader(self) -> tuple[TransactionOptions, type[_AS], type[Session]]:
+        """What both twins' ``reader()`` build on: the options and the reader classes."""
+        made = self._reader
+        if made is None:
+            url = self.config.url
+            async_class, sync_class = reader_classes(
+                self.async_class, self.sync_class, dialects.reader_begin_listener(url)
+            )
+            made = self._reader = (reader_options(url), async_class, sync_class)
+        return made
+
     def transaction_options(
         self,
         isolation_level: str | None,
@@ -172,17 +209,46 @@ class FactoryCore(Generic[_AS]):
         timeout: float | None,
         settings: Mapping[str, Any] | None,
     ) -> TransactionOptions | None:
-        """Validate per-transaction options against this factory's dialect."""
-        return transaction_options(
+        """Validate per-transaction options against this factory's dialect.
+
+        Under isolation the transaction is a SAVEPOINT of the test's transaction: the
+        options are validated as usual, then the isolation level and read-only mode
+        (which only a real BEGIN can set) and PostgreSQL's ``statement_timeout`` (a
+        transaction-local setting that would outlive the SAVEPOINT) are left out, and a
+        timeout rolls back rather than invalidates the shared connection.
+        """
+        options = transaction_options(
             self.config.url,
             isolation_level=isolation_level,
             readonly=readonly,
             timeout=timeout,
             settings=settings,
         )
+        if options is None or self.isolation is None:
+            return options
+        kept = transaction_options(
+            self.config.url, isolation_level=None, readonly=False, timeout=None, settings=settings
+        )
+        if kept is None and timeout is None:
+            return None
+        return replace(
+            kept or options,
+            execution_options={},
+            settings=kept.settings if kept is not None else (),
+            timeout=timeout,
+            invalidate_on_timeout=False,
+        )
 
-    def async_bind(self, options: TransactionOptions | None) -> AsyncEngine:
-        """The engine (or an option engine sharing its pool) a transaction runs on."""
+    def async_bind(self, options: TransactionOptions | None) -> AsyncEngine | AsyncConnection:
+        """The engine (or an option engine sharing its pool) a transaction runs on.
+
+        Under isolation: the isolated connection.
+        """
+        isolation = self.isolation
+        if isolation is not None:
+            if not isinstance(isolation.connection, AsyncConnection):
+                raise isolation.refuse("async")
+            return isolation.connection
         engine = self.async_engine()
         if options is None or not options.execution_options:
             return engine
@@ -194,8 +260,13 @@ class FactoryCore(Generic[_AS]):
             bind = self._async_binds[key] = engine.execution_options(**options.execution_options)
         return bind
 
-    def sync_bind(self, options: TransactionOptions | None) -> Engine:
+    def sync_bind(self, options: TransactionOptions | None) -> Engine | Connection:
         """The sync twin's counterpart of ``async_bind``."""
+        isolation = self.isolation
+        if isolation is not None:
+            if not isinstance(isolation.connection, Connection):
+                raise isolation.refuse("sync")
+            return isolation.connection
         engine = self.sync_engine()
         if options is None or not options.execution_options:
             return engine

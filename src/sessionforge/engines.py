@@ -106,7 +106,7 @@ def install_liveness_policy(engine: Engine, ping_after: float) -> None:
         if last is None or time.monotonic() - last < ping_after:
             return  # a brand-new connection, or one in use moments ago
         try:
-            engine.dialect.do_ping(dbapi_connection)
+            _sqla.ping(engine.dialect, dbapi_connection)
         except Exception as exc:
             # The pool invalidates this connection and checks out a fresh one.
             raise DisconnectionError("pooled connection failed its liveness ping") from exc

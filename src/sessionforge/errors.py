@@ -9,7 +9,9 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── ConcurrentSessionUseError   (RuntimeError)
     ├── NoCurrentSessionError       (LookupError)
     ├── NestedTransactionError      (RuntimeError)
+    ├── ReadOnlySessionError        (RuntimeError)
     ├── RetryExhaustedError
+    ├── SessionClosedError          (RuntimeError)
     └── TransactionTimeoutError     (TimeoutError)
 
 Messages say what went wrong and what to do about it, and never contain a password.
@@ -23,7 +25,9 @@ __all__ = [
     "DatabaseUnavailableError",
     "NestedTransactionError",
     "NoCurrentSessionError",
+    "ReadOnlySessionError",
     "RetryExhaustedError",
+    "SessionClosedError",
     "SessionForgeError",
     "TransactionTimeoutError",
 ]
@@ -68,3 +72,11 @@ class RetryExhaustedError(SessionForgeError):
 
 class TransactionTimeoutError(SessionForgeError, TimeoutError):
     """Raised when a transaction outlives its ``timeout`` and has been rolled back."""
+
+
+class SessionClosedError(SessionForgeError, RuntimeError):
+    """Raised when a session closed for good (a request's, once its response began) is used."""
+
+
+class ReadOnlySessionError(SessionForgeError, RuntimeError):
+    """Raised when a reader session (``db.reader()``) is asked to write."""

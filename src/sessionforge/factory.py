@@ -9,7 +9,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, TypeVarTuple, Unpack, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    Self,
+    TypeVar,
+    TypeVarTuple,
+    Unpack,
+    overload,
+)
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -29,11 +39,13 @@ from .transactions import (
     TransactionOptions,
     atomic_block,
     check_joinable,
+    joins,
 )
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from .asgi import Lifespan
     from .sync import SyncSessionFactory
 
 __all__ = ["SessionFactory"]
@@ -99,13 +111,16 @@ class SessionFactory(Generic[_AS]):
         check_driver(config.async_url, is_async=True)
         self._core: FactoryCore[_AS] = FactoryCore(config, async_engine=engine)
         self._sync: SyncSessionFactory[Session] | None = None
+        self._dependencies: dict[tuple[str, object], Callable[..., Awaitable[_AS]]] = {}
 
     # making sessions ---------------------------------------------------------------
 
     def __call__(self, **overrides: Any) -> _AS:
         """Return a new session; ``overrides`` win over the factory's session options."""
         core = self._core
-        session: _AS = core.async_class(bind=core.async_engine(), **core.session_kwargs(overrides))
+        session: _AS = core.async_class(
+            bind=core.async_bind(None), **core.session_kwargs(overrides)
+        )
         opened_session(session.sync_session, core.config.track_session_origin)
         return session
 
@@ -133,6 +148,22 @@ class SessionFactory(Generic[_AS]):
         """
         options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
         return AsyncBeginContext(self._session(options, overrides), options)
+
+    def reader(self, **overrides: Any) -> _AS:
+        """A session for reads only, on an AUTOCOMMIT connection from the same pool.
+
+        No BEGIN and no COMMIT: each statement is its own transaction and sees its own
+        snapshot, so two reads may see different data (use ``begin(readonly=True)``
+        for reads that must agree). ORM changes and ``insert``/``update``/``delete``
+        raise ``ReadOnlySessionError``; text SQL is not inspected. The connection goes
+        back to the pool in its normal transactional mode. ``async with db.reader() as
+        session:`` closes it at exit.
+        """
+        core = self._core
+        options, reader_class, _ = core.reader()
+        session = reader_class(bind=core.async_bind(options), **core.session_kwargs(overrides))
+        opened_session(session.sync_session, core.config.track_session_origin)
+        return session
 
     def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _AS:
         core = self._core
@@ -276,7 +307,7 @@ class SessionFactory(Generic[_AS]):
         block does. ``durable=True`` refuses to be nested in another atomic block.
         """
         current = self._core.current_async.peek()
-        if current is None or not current.in_transaction():
+        if current is None or not joins(current.sync_session):
             context = self.begin(
                 isolation_level=isolation_level,
                 readonly=readonly,
@@ -347,6 +378,49 @@ class SessionFactory(Generic[_AS]):
         tb: TracebackType | None,
     ) -> None:
         await self.dispose()
+
+    # web apps (sessionforge.asgi) -----------------------------------------------------
+
+    @property
+    def lifespan(self) -> Lifespan:
+        """``FastAPI(lifespan=db.lifespan)``: disposes the engines when the app stops.
+
+        ``db.lifespan.with_ping(timeout=5)`` also checks at startup that the database
+        answers (``DatabaseUnavailableError`` stops the app otherwise).
+        """
+        from .asgi import Lifespan
+
+        return Lifespan(self)
+
+    def dependency(
+        self,
+        *,
+        commit: Literal["auto", "manual"] = "auto",
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> Callable[..., Awaitable[_AS]]:
+        """A FastAPI dependency giving the request's session, its transaction ended
+        before the response is sent::
+
+            SessionDep = Annotated[AsyncSession, Depends(db.dependency())]
+
+        ``commit="auto"`` commits when the endpoint returns and rolls back when it
+        raises (``HTTPException`` included); ``"manual"`` never commits. The session is
+        the request's current one (``db.current()``); ``db.atomic()`` in the request is
+        a SAVEPOINT of its transaction. The same options give the same dependency, so
+        every use in one request shares one session. Inside ``SessionMiddleware`` the
+        middleware's session is shared and the middleware ends it.
+        """
+        options = self._core.transaction_options(isolation_level, readonly, None, None)
+        options_key = None if options is None else options.cache_key
+        dependency = self._dependencies.get((commit, options_key))
+        if dependency is None:
+            from .asgi import make_dependency
+
+            dependency = self._dependencies[(commit, options_key)] = make_dependency(
+                self, functools.partial(self._session, options, {}), options_key, commit
+            )
+        return dependency
 
     # introspection -----------------------------------------------------------------
 
@@ -436,6 +510,12 @@ class AsyncBeginContext(Generic[_AS]):
             timed_out = True  # our transaction-local statement_timeout fired
         try:
             try:
+                if exc is None:
+                    # One pass of the event loop before the COMMIT lets the other tasks'
+                    # ready I/O run first, so the loop polls the sockets less often:
+                    # +3-4 % throughput with 10 tasks on PostgreSQL, -1 % with one
+                    # (async_sessionmaker's exit yields too, via a shielded task).
+                    await asyncio.sleep(0)
                 if timed_out and self._options is not None and self._options.invalidate_on_timeout:
                     # A statement may still be running on the server: drop the
                     # connection (the server rolls back) rather than queue a ROLLBACK.

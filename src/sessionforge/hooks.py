@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_session
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import await_
@@ -34,6 +35,11 @@ Hook = Callable[[], Any]
 Kind = Literal["on_commit", "after_rollback"]
 
 _STATE: Final = "_sessionforge_hooks"
+
+#: Key in the ``info`` of a connection whose sessions' on-commit hooks are handed to the
+#: callable stored there instead of running (``sessionforge.testing.isolated`` sets it:
+#: there the outermost COMMIT of a session is only a SAVEPOINT release).
+CAPTURE_KEY: Final = "sessionforge_capture_hooks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +165,13 @@ def _after_commit(session: Session) -> None:
         enclosing = _enclosing(transaction)
         state.by_transaction.setdefault(enclosing, []).extend(hooks)
     else:
-        _run(session, state, transaction, [hook for hook in hooks if hook.kind == "on_commit"])
+        committed = [hook for hook in hooks if hook.kind == "on_commit"]
+        bind = session.bind
+        capture = bind.info.get(CAPTURE_KEY) if isinstance(bind, Connection) else None
+        if capture is not None:
+            capture([hook.fn for hook in committed])
+        else:
+            _run(session, state, transaction, committed)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:

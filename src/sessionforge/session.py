@@ -14,13 +14,21 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar, cast
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from . import hooks, stats, transactions
-from .errors import ConcurrentSessionUseError
+from .errors import ConcurrentSessionUseError, ReadOnlySessionError, SessionClosedError
 
-__all__ = ["GUARDED_METHODS", "AsyncHookMethods", "SyncHookMethods", "make_session_classes"]
+__all__ = [
+    "GUARDED_METHODS",
+    "AsyncHookMethods",
+    "SyncHookMethods",
+    "make_session_classes",
+    "reader_classes",
+    "retire",
+]
 
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -72,7 +80,7 @@ class AsyncHookMethods:
     """
 
     sync_session: Session
-    _sessionforge_holder: asyncio.Task[Any] | None = None
+    _sessionforge_holder: asyncio.Task[Any] | Retired | None = None
 
     def on_commit(self, fn: hooks.Hook) -> None:
         """Run ``fn()`` (awaited if async) after the outermost transaction commits."""
@@ -81,6 +89,24 @@ class AsyncHookMethods:
     def after_rollback(self, fn: hooks.Hook) -> None:
         """Run ``fn()`` (awaited if async) if the current transaction rolls back."""
         hooks.after_rollback(self.sync_session, fn)
+
+
+class Retired:
+    """The guard's holder of a session closed for good: every later call is refused."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def retire(session: AsyncSession, reason: str) -> None:
+    """Refuse any further I/O on ``session`` with ``SessionClosedError`` saying ``reason``.
+
+    ``close()`` stays allowed (a no-op for a closed session). Only sessions of a
+    sessionforge factory carry the guard that enforces it.
+    """
+    session._sessionforge_holder = Retired(reason)  # type: ignore[attr-defined]
 
 
 # Awaitable AsyncSession methods that run an operation on the sync session.
@@ -117,14 +143,32 @@ def _guarded(name: str, method: Callable[..., Any]) -> Callable[..., Coroutine[A
         if holder is task or task is None:
             return await method(self, *args, **kwargs)  # re-entrant, or no task at all
         if holder is not None:
+            if type(holder) is Retired:
+                if name == "close":
+                    return None
+                raise SessionClosedError(f"session.{name}() refused: {holder.reason}")
             raise ConcurrentSessionUseError(_concurrent_message(name, holder, task))
         self._sessionforge_holder = task
         try:
             return await method(self, *args, **kwargs)
         finally:
-            self._sessionforge_holder = None
+            if self._sessionforge_holder is task:  # not if retired meanwhile
+                self._sessionforge_holder = None
 
     return guarded
+
+
+def _refused_when_retired(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a non-awaitable ``begin``/``begin_nested``: a retired session refuses them."""
+
+    @functools.wraps(method)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        holder = self._sessionforge_holder
+        if holder is not None and type(holder) is Retired:
+            raise SessionClosedError(f"session.{name}() refused: {holder.reason}")
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 def _concurrent_message(name: str, holder: asyncio.Task[Any], task: asyncio.Task[Any]) -> str:
@@ -157,5 +201,56 @@ def make_session_classes(
     # super() lookup on the hot path.
     for name in GUARDED_METHODS:
         namespace[name] = _guarded(name, getattr(class_, name))
+    for name in ("begin", "begin_nested"):
+        namespace[name] = _refused_when_retired(name, getattr(class_, name))
     async_class = type(class_.__name__, (AsyncHookMethods, class_), namespace)
     return cast("type[_AS]", async_class), sync_class
+
+
+# Readers ----------------------------------------------------------------------------
+
+_READER: Final = "_sessionforge_reader_classes"
+
+_WRITE_REFUSED: Final = (
+    "a reader session (db.reader()) runs each statement on its own in AUTOCOMMIT mode and "
+    "does not write; {what} — write in db.begin() (or db.atomic()) instead"
+)
+
+
+def reader_classes(
+    async_class: type[_AS],
+    sync_class: type[Session],
+    on_begin: Callable[[Session, Any, Any], None] | None = None,
+) -> tuple[type[_AS], type[Session]]:
+    """The (async, sync) reader subclasses of one factory's session classes.
+
+    Made once per factory, on first use. A subclass inherits the factory's listeners
+    (``event.listen(db, ...)``, hooks, counters) and adds the two that refuse writes:
+    ORM changes at flush, and Core ``insert``/``update``/``delete`` at execute (text SQL
+    is not inspected), plus the dialect's ``after_begin`` listener ``on_begin``, if any.
+    """
+    made = async_class.__dict__.get(_READER)
+    if made is None:
+        sync_reader = type(
+            sync_class.__name__, (sync_class,), {"__module__": sync_class.__module__}
+        )
+        event.listen(sync_reader, "before_flush", _refuse_flush)
+        event.listen(sync_reader, "do_orm_execute", _refuse_dml)
+        if on_begin is not None:
+            event.listen(sync_reader, "after_begin", on_begin)
+        namespace = {"__module__": async_class.__module__, "sync_session_class": sync_reader}
+        async_reader = type(async_class.__name__, (async_class,), namespace)
+        made = (async_reader, sync_reader)
+        setattr(async_class, _READER, made)
+    return made
+
+
+def _refuse_flush(session: Session, _context: object, _instances: object) -> None:
+    if session.new or session.dirty or session.deleted:
+        raise ReadOnlySessionError(_WRITE_REFUSED.format(what="it was asked to flush changes"))
+
+
+def _refuse_dml(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE"
+        raise ReadOnlySessionError(_WRITE_REFUSED.format(what=f"it was asked to run an {kind}"))

@@ -26,6 +26,7 @@ from .transactions import (
     TransactionOptions,
     atomic_block,
     check_joinable,
+    joins,
 )
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class SyncSessionFactory(Generic[_S]):
     def __call__(self, **overrides: Any) -> _S:
         """Return a new session; ``overrides`` win over the factory's session options."""
         core = self._core
-        session = core.sync_class(bind=core.sync_engine(), **core.session_kwargs(overrides))
+        session = core.sync_class(bind=core.sync_bind(None), **core.session_kwargs(overrides))
         opened_session(session, core.config.track_session_origin)
         return cast("_S", session)
 
@@ -127,6 +128,14 @@ class SyncSessionFactory(Generic[_S]):
         """
         options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
         return SyncBeginContext(self._session(options, overrides), options)
+
+    def reader(self, **overrides: Any) -> _S:
+        """A session for reads only, on an AUTOCOMMIT connection (see ``SessionFactory``)."""
+        core = self._core
+        options, _, reader_class = core.reader()
+        session = reader_class(bind=core.sync_bind(options), **core.session_kwargs(overrides))
+        opened_session(session, core.config.track_session_origin)
+        return cast("_S", session)
 
     def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _S:
         core = self._core
@@ -234,7 +243,7 @@ class SyncSessionFactory(Generic[_S]):
         """A transaction, or a SAVEPOINT inside the current one (see ``SessionFactory``)."""
         current = self._core.current_sync
         session = current.peek()
-        if session is None or not session.in_transaction():
+        if session is None or not joins(session):
             context = self.begin(
                 isolation_level=isolation_level,
                 readonly=readonly,

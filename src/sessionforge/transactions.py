@@ -79,6 +79,16 @@ def transaction_options(
     )
 
 
+def reader_options(url: URL) -> TransactionOptions:
+    """The options of ``db.reader()`` sessions (see ``dialects.reader_execution_options``)."""
+    return TransactionOptions(
+        execution_options=dialects.reader_execution_options(url),
+        settings=(),
+        timeout=None,
+        invalidate_on_timeout=False,
+    )
+
+
 def install(session_class: type[Session]) -> None:
     """Apply a transaction's settings when it first gets its connection."""
     event.listen(session_class, "after_begin", _apply_settings)
@@ -169,6 +179,18 @@ def atomic_block(session: Session) -> Iterator[int]:
         yield depth
     finally:
         setattr(session, ATOMIC_DEPTH, depth)
+
+
+def joins(session: Session | None) -> bool:
+    """Whether an atomic() block joins ``session`` (as a SAVEPOINT) rather than begin anew.
+
+    It does when the session is in a transaction, and when it is marked as an open
+    atomic block without having begun one yet: a request's session (the ASGI
+    integration), whose transaction the request commits.
+    """
+    return session is not None and (
+        session.in_transaction() or getattr(session, ATOMIC_DEPTH, 0) > 0
+    )
 
 
 def check_joinable(

@@ -1,0 +1,662 @@
+"""The benchmark suite: every scenario against one database, in one process, one report.
+
+``python -m benchmarks.suite`` runs the scenarios listed in ``SCENARIOS`` one after
+another (each with the harness's interleaved, rotated rounds), prints each table, and
+writes:
+
+* ``benchmarks/results/suite-<backend>-<UTC timestamp>.json``, plus copies named
+  ``latest.json`` and ``latest-<backend>.json`` (git-ignored): the raw numbers of
+  every scenario, the targets and the machine;
+* ``docs/benchmarks/suite-<backend>.png`` (committed): ratio to each scenario's
+  baseline per contender, with the targets marked;
+* ``docs/benchmarks/results.md`` (committed): the tables of every backend that has a
+  ``latest-<backend>.json``, with the date and the machine.
+
+``--out DIR`` sends all of it to ``DIR`` instead. ``<backend>`` is ``sqlite`` or
+``postgres``. ``--url sqlite`` (the default) is a SQLite file in a temporary directory;
+any other SQLAlchemy URL works too (the driver defaults to aiosqlite / asyncpg).
+The chart needs matplotlib (``pip install 'sessionforge[bench]'``); without it the
+suite says so and still writes the JSON and the tables.
+
+Run: ``python -m benchmarks.suite`` (about 2.5 minutes on SQLite, 2 on PostgreSQL on
+a 2-core machine), ``python -m benchmarks.suite --quick`` (about half a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from . import (
+    bench_asgi,
+    bench_cancel,
+    bench_factory,
+    bench_liveness,
+    bench_read,
+    bench_sqlite,
+    bench_write,
+    harness,
+)
+from .harness import Contender, ContenderSource, Params, Report
+
+ROOT = harness.BENCH_DIR.parent
+DOCS_DIR = ROOT / "docs" / "benchmarks"
+BENCH_EXTRA_HINT = harness.BENCH_EXTRA_HINT
+
+
+@asynccontextmanager
+async def sqlite_commits(params: Params) -> AsyncIterator[Sequence[Contender]]:
+    """bench_sqlite's write workload (``BEGIN IMMEDIATE``, one INSERT, COMMIT), on a
+    file of its own in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="sf-bench-sqlite-") as directory:
+        source = bench_sqlite.source(Path(directory) / "bench.db", "write")
+        async with source(params) as contenders:
+            yield contenders
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario of the suite: where its contenders come from, and its baseline."""
+
+    name: str
+    title: str
+    source: ContenderSource
+    baseline: str
+    backends: frozenset[str] = frozenset({"postgresql", "sqlite"})
+
+
+# The suite runs these, in this order. Adding a scenario is one line here.
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("factory", "begin + one read", bench_factory.contenders, bench_factory.BASELINE),
+    Scenario("write", "begin + one insert", bench_write.contenders, bench_write.BASELINE),
+    Scenario("read", "read-only request", bench_read.contenders, bench_read.BASELINE),
+    Scenario("asgi", "FastAPI endpoint", bench_asgi.contenders, bench_asgi.BASELINE),
+    Scenario(
+        "sqlite",
+        "SQLite commits",
+        sqlite_commits,
+        bench_sqlite.BASELINE,
+        frozenset({"sqlite"}),
+    ),
+    Scenario("cancel", "half cancelled", bench_cancel.contenders, bench_cancel.BASELINE),
+    Scenario("liveness", "busy pool", bench_liveness.contenders, bench_liveness.BASELINE),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """``contender`` must reach ``minimum`` x the throughput of ``versus`` (same round)."""
+
+    scenario: str
+    contender: str
+    versus: str
+    minimum: float
+    label: str
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "factory",
+        "sessionforge",
+        bench_factory.BASELINE,
+        0.97,
+        "factory overhead within 3% of bare async_sessionmaker",
+    ),
+    Target(
+        "read",
+        bench_read.READER,
+        bench_read.BASELINE,
+        1.4,
+        "reader() >= 1.4x bare begin() for a single-statement read",
+    ),
+    Target(
+        "asgi",
+        "sessionforge dependency",
+        bench_asgi.BASELINE,
+        0.97,
+        "ASGI dependency >= 0.97x a hand-written dependency",
+    ),
+    Target(
+        "asgi",
+        "sessionforge dependency",
+        "advanced-alchemy",
+        1.15,
+        "ASGI dependency >= 1.15x advanced-alchemy",
+    ),
+    Target(
+        "liveness",
+        bench_liveness.SESSIONFORGE,
+        bench_liveness.PRE_PING,
+        1.15,
+        "ping_after >= 1.15x pool_pre_ping on a busy pool",
+    ),
+)
+
+FULL = {"rounds": 4, "seconds": 0.9, "warmup": 0.25}
+QUICK = {"rounds": 1, "seconds": 0.3, "warmup": 0.1}
+
+
+# command line ----------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    names = [s.name for s in SCENARIOS]
+    add("--scenarios", default="all", help=f"comma-separated, from: {', '.join(names)}")
+    add(
+        "--url",
+        default=os.environ.get(harness.URL_ENV) or "sqlite",
+        help=f"database URL, or 'sqlite' for a temporary file (default: ${harness.URL_ENV} "
+        "if set, else 'sqlite')",
+    )
+    add("--quick", action="store_true", help="a smoke run: 1 round of 0.3 s per contender")
+    add("--rounds", type=int, default=None, help=f"rounds (default {FULL['rounds']})")
+    add("--seconds", type=float, default=None, help=f"seconds (default {FULL['seconds']})")
+    add("--warmup", type=float, default=None, help=f"warm-up (default {FULL['warmup']})")
+    add("--tasks", type=int, default=10, help="concurrent asyncio tasks")
+    add("--pool-size", type=int, default=10, help="connection pool size of every contender")
+    add(
+        "--out",
+        type=Path,
+        default=None,
+        help="put the JSON, the chart and results.md here (default: JSON in "
+        "benchmarks/results/, chart and results.md in docs/benchmarks/)",
+    )
+    add(
+        "--redraw",
+        action="store_true",
+        help="measure nothing: redraw the charts and results.md from the latest JSON files",
+    )
+    add(
+        "--skip-unreachable",
+        action="store_true",
+        help="exit 0 with a message when the database cannot be reached",
+    )
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.scenarios == "all":
+        args.scenarios = names
+    else:
+        args.scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+        unknown = sorted(set(args.scenarios) - set(names))
+        if unknown:
+            parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {names}")
+    if args.rounds < 1 or args.tasks < 1 or args.pool_size < 1 or args.seconds <= 0:
+        parser.error("--rounds, --tasks and --pool-size must be >= 1, --seconds > 0")
+    return args
+
+
+def resolve_url(url: str, stack: ExitStack) -> URL:
+    """``sqlite`` -> a file in a temporary directory; default async drivers filled in."""
+    if url in {"sqlite", "sqlite://"}:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sf-bench-"))
+        url = f"sqlite:///{directory}/bench.db"
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.get_driver_name() in {"pysqlite", ""}:
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend == "postgresql" and parsed.get_driver_name() in {"psycopg2", ""}:
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    if backend == "sqlite" and parsed.database in {None, "", ":memory:"}:
+        raise SystemExit("the suite needs a SQLite file, not an in-memory database")
+    return parsed
+
+
+def backend_label(url: URL) -> str:
+    return "postgres" if url.get_backend_name() == "postgresql" else url.get_backend_name()
+
+
+async def server_version(url: str) -> str:
+    """The database's version; raises when it cannot be reached."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                version = (await conn.execute(text("SHOW server_version"))).scalar_one()
+                return f"PostgreSQL {version}"
+            return f"SQLite {sqlite3.sqlite_version}"
+    finally:
+        await engine.dispose()
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+# running ---------------------------------------------------------------------------
+
+
+async def run_all(
+    scenarios: Sequence[Scenario], params: Params
+) -> tuple[list[Report], dict[str, str]]:
+    """Run each scenario in turn; a failing scenario is recorded and the rest still run."""
+    reports: list[Report] = []
+    failures: dict[str, str] = {}
+    estimate = 5  # contenders per scenario, until a scenario says how many it has
+    overall = harness.Overall(total=len(scenarios) * estimate * params.rounds)
+    harness.OVERALL = overall
+    try:
+        for index, scenario in enumerate(scenarios):
+            overall.label = f"{index + 1}/{len(scenarios)} {scenario.name}:"
+            harness.progress("setting up ...")
+            try:
+                async with scenario.source(params) as contenders:
+                    left = len(scenarios) - index - 1
+                    overall.total = overall.done + params.rounds * (len(contenders) + left * 5)
+                    report = await harness.run(
+                        scenario.name, contenders, scenario.baseline, params
+                    )
+            except Exception:
+                harness.progress("")
+                failures[scenario.name] = traceback.format_exc()
+                print(f"\n{scenario.name}: FAILED\n{failures[scenario.name]}", file=sys.stderr)
+                continue
+            reports.append(report)
+            print(f"\n## {scenario.name}: {scenario.title}\n")
+            print(harness.format_table(report))
+            for line in extra_lines(report):
+                print(line)
+            sys.stdout.flush()
+    finally:
+        harness.OVERALL = None
+    return reports, failures
+
+
+def pair_ratio(report: Report, contender: str, versus: str) -> list[float]:
+    ours, theirs = report.ops_per_s[contender], report.ops_per_s[versus]
+    return [a / b for a, b in zip(ours, theirs, strict=True)]
+
+
+def evaluate(reports: Sequence[Report]) -> list[dict[str, Any]]:
+    """Each target whose scenario ran: the median per-round ratio, and whether it is met."""
+    by_name = {r.scenario: r for r in reports}
+    results = []
+    for target in TARGETS:
+        report = by_name.get(target.scenario)
+        if report is None or not {target.contender, target.versus} <= report.ops_per_s.keys():
+            continue
+        ratios = pair_ratio(report, target.contender, target.versus)
+        value = statistics.median(ratios)
+        results.append(
+            {
+                "scenario": target.scenario,
+                "contender": target.contender,
+                "versus": target.versus,
+                "minimum": target.minimum,
+                "label": target.label,
+                "ratio": value,
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "met": value >= target.minimum,
+            }
+        )
+    return results
+
+
+def cancel_outcomes(report: Report) -> dict[str, dict[str, float]]:
+    """Per contender of the cancel scenario: outcome totals and the worst leak."""
+    outcomes = {}
+    for name, rounds in report.notes.items():
+        total: Counter[str] = Counter()
+        for notes in rounds:
+            total.update({k: int(v) for k, v in notes.items() if k != "checked_out_after"})
+        figures: dict[str, float] = dict(total)
+        figures["checked_out_after_max"] = max(
+            (notes.get("checked_out_after", 0) for notes in rounds), default=0
+        )
+        outcomes[name] = figures
+    return outcomes
+
+
+def extra_lines(report: Report) -> list[str]:
+    lines = []
+    if report.scenario == "cancel":
+        for name, figures in cancel_outcomes(report).items():
+            leaked = figures.pop("checked_out_after_max")
+            verdict = "no leak" if not leaked else f"LEAK: {leaked:.0f} connection(s) checked out"
+            details = ", ".join(f"{k} {v:.0f}" for k, v in sorted(figures.items()))
+            lines.append(f"{name}: {details}; {verdict}")
+    for target in evaluate([report]):
+        verdict = "met" if target["met"] else "NOT MET"
+        lines.append(
+            f"{target['contender']} / {target['versus']}: {target['ratio']:.3f} "
+            f"(target >= {target['minimum']:g}: {verdict})"
+        )
+    return lines
+
+
+# output ----------------------------------------------------------------------------
+
+
+def suite_document(
+    reports: Sequence[Report],
+    failures: dict[str, str],
+    params: Params,
+    backend: str,
+    server: str,
+    started: datetime,
+    elapsed: float,
+) -> dict[str, Any]:
+    machine = harness.machine_info() | {"cpu_model": cpu_model(), "server": server}
+    return {
+        "suite": "sessionforge benchmarks",
+        "created": started.isoformat(),
+        "elapsed_seconds": round(elapsed, 1),
+        "backend": backend,
+        "url": harness.masked(params.url),
+        "machine": machine,
+        "params": {
+            "rounds": params.rounds,
+            "seconds": params.seconds,
+            "warmup": params.warmup,
+            "tasks": params.tasks,
+            "pool_size": params.pool_size,
+        },
+        "scenarios": {
+            r.scenario: harness.document(r, started)
+            | {"title": title_of(r.scenario)}
+            | ({"outcomes": cancel_outcomes(r)} if r.scenario == "cancel" else {})
+            for r in reports
+        },
+        "failures": failures,
+        "targets": evaluate(reports),
+    }
+
+
+def title_of(name: str) -> str:
+    return next((s.title for s in SCENARIOS if s.name == name), name)
+
+
+def write_chart(document: dict[str, Any], path: Path) -> bool:
+    """Draw ratio-to-baseline bars per scenario and contender; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+
+    rows: list[tuple[str, str, dict[str, float], bool]] = []  # scenario, name, summary, base
+    for name, scenario in document["scenarios"].items():
+        for contender, summary in scenario["summary"].items():
+            rows.append((name, contender, summary, contender == scenario["baseline"]))
+    if not rows:
+        return False
+    cap = min(max(r[2]["ratio_to_baseline"] for r in rows), 2.5) * 1.08
+    positions: dict[tuple[str, str], float] = {}
+    y = 0.0
+    ticks, labels = [], []
+    previous = None
+    for scenario_name, contender, _, _ in rows:
+        if previous is not None and scenario_name != previous:
+            y += 0.8
+        previous = scenario_name
+        positions[(scenario_name, contender)] = y
+        ticks.append(y)
+        labels.append(f"{scenario_name}: {contender}")
+        y += 1.0
+    height = 1.2 + 0.28 * y
+    fig, ax = plt.subplots(figsize=(10, height))
+    for (_, contender, summary, is_base), pos in zip(rows, positions.values(), strict=True):
+        ratio = summary["ratio_to_baseline"]
+        colour = (
+            "#9e9e9e"
+            if is_base
+            else "#1f6fb4"
+            if "sessionforge" in contender
+            else "#c8c8c8"
+            if contender.startswith("raw ")
+            else "#e08a2c"
+        )
+        shown = min(ratio, cap)
+        ax.barh(pos, shown, color=colour, height=0.75)
+        if not is_base and ratio <= cap:
+            low, high = summary["ratio_min"], summary["ratio_max"]
+            ax.errorbar(
+                ratio,
+                pos,
+                xerr=[[ratio - low], [high - ratio]],
+                color="#333333",
+                capsize=2,
+                linewidth=0.8,
+            )
+        label = f"{ratio:.2f}x" + (" →" if ratio > cap else "")
+        right = min(max(ratio, summary["ratio_max"]), cap)  # past the error bar
+        ax.text(right + 0.012 * cap, pos, label, va="center", fontsize=7)
+    seen: Counter[float] = Counter()
+    for target in document["targets"]:
+        row = positions.get((target["scenario"], target["contender"]))
+        versus = document["scenarios"][target["scenario"]]["summary"][target["versus"]]
+        if row is None:
+            continue
+        where = min(target["minimum"] * versus["ratio_to_baseline"], cap)
+        ax.plot([where, where], [row - 0.45, row + 0.45], color="#c62828", linewidth=2)
+        above = seen[row] % 2 == 0  # a second target on the same row goes below it
+        seen[row] += 1
+        ax.text(
+            where,
+            row - 0.5 if above else row + 0.5,
+            f"target {target['minimum']:g}x {short(target['versus'])}",
+            color="#c62828",
+            fontsize=6,
+            ha="center",
+            va="bottom" if above else "top",
+        )
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, cap * 1.12)
+    ax.set_xlabel("throughput / the scenario's baseline (median of per-round ratios)")
+    machine = document["machine"]
+    ax.set_title(
+        f"sessionforge benchmarks on {machine['server']} — {document['created'][:10]}, "
+        f"{machine['cpu_count']} CPUs, {document['params']['rounds']} rounds\n"
+        "grey: baseline, blue: sessionforge, orange: other libraries, light: raw driver; "
+        "red: target",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def short(name: str) -> str:
+    return {
+        bench_liveness.PRE_PING: "pre_ping",
+        bench_read.BASELINE: "begin()",
+        bench_asgi.BASELINE: "hand-written",
+    }.get(name, name)
+
+
+def markdown(documents: Sequence[dict[str, Any]]) -> str:
+    """results.md: per backend, the machine, the targets and every scenario's table."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`python -m benchmarks.suite`); see "
+        "[benchmarks/README.md](../../benchmarks/README.md) for what each scenario does and "
+        "how to read the numbers. Ratios are medians of per-round ratios against the "
+        "scenario's baseline (marked *), measured in one process with interleaved rounds.",
+    ]
+    for doc in documents:
+        machine, params, versions = doc["machine"], doc["params"], doc["machine"]["versions"]
+        python = machine["python"].split()[0]
+        git = machine.get("git") or {}
+        commit = git.get("commit", "?")[:12] + (
+            " + local changes" if git.get("src_changed") else ""
+        )
+        lines += [
+            "",
+            f"## {machine['server']}",
+            "",
+            f"Measured {doc['created'][:16].replace('T', ' ')} UTC at commit {commit}; "
+            f"{machine.get('cpu_model') or 'unknown CPU'}, {machine['cpu_count']} CPUs, "
+            f"{machine['platform']}; Python {python}, SQLAlchemy {versions['sqlalchemy']}, "
+            f"asyncpg {versions['asyncpg']}, aiosqlite {versions['aiosqlite']}. "
+            f"{params['rounds']} rounds x {params['seconds']:g} s per contender "
+            f"({params['warmup']:g} s warm-up), {params['tasks']} tasks, pool "
+            f"{params['pool_size']}; database and client on the same machine.",
+            "",
+            f"![ratio to baseline per scenario]({'suite-' + doc['backend'] + '.png'})",
+            "",
+            "| target | measured | |",
+            "|---|---:|---|",
+        ]
+        for t in doc["targets"]:
+            lines.append(
+                f"| {t['label']} | {t['ratio']:.3f} ({t['ratio_min']:.2f}..{t['ratio_max']:.2f})"
+                f" | {'met' if t['met'] else '**not met**'} |"
+            )
+        for name, scenario in doc["scenarios"].items():
+            lines += [
+                "",
+                f"### {name}: {scenario['title']}",
+                "",
+                "| contender | median ops/s | ratio | ratio min..max | CPU µs/op |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for contender, s in scenario["summary"].items():
+                mark = " *" if contender == scenario["baseline"] else ""
+                lines.append(
+                    f"| {contender}{mark} | {s['median_ops_per_s']:,.0f} | "
+                    f"{s['ratio_to_baseline']:.3f} | {s['ratio_min']:.2f}..{s['ratio_max']:.2f}"
+                    f" | {s['median_cpu_us_per_op']:,.0f} |"
+                )
+            if "outcomes" in scenario:
+                lines += [
+                    "",
+                    "| contender | completed | cancelled | errors | stray errors "
+                    "| connections left checked out |",
+                    "|---|---:|---:|---:|---:|---:|",
+                ]
+                for contender, o in scenario["outcomes"].items():
+                    stray = sum(
+                        v for k, v in o.items() if k.startswith(("logged:", "unretrieved:"))
+                    )
+                    lines.append(
+                        f"| {contender} | {o.get('completed', 0):,.0f} | "
+                        f"{o.get('cancelled', 0):,.0f} | {o.get('errors', 0):,.0f} | "
+                        f"{stray:,.0f} | {o['checked_out_after_max']:.0f} |"
+                    )
+        for name in doc["failures"]:
+            lines += ["", f"### {name}: FAILED (see the JSON for the traceback)"]
+    return "\n".join(lines) + "\n"
+
+
+def publish(results_dir: Path, docs_dir: Path, labels: Sequence[str]) -> None:
+    """Draw the chart of each backend in ``labels`` and rebuild results.md (all backends)."""
+    documents = {
+        name: json.loads((results_dir / f"latest-{name}.json").read_text())
+        for name in ("sqlite", "postgres")
+        if (results_dir / f"latest-{name}.json").exists()
+    }
+    for label in labels:
+        if label not in documents:
+            continue
+        chart = docs_dir / f"suite-{label}.png"
+        if write_chart(documents[label], chart):
+            print(f"chart: {chart}")
+        else:
+            print(f"chart: not drawn, it needs matplotlib: {BENCH_EXTRA_HINT}")
+    table = docs_dir / "results.md"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(markdown(list(documents.values())))
+    print(f"table: {table}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    results_dir = args.out or harness.RESULTS_DIR
+    docs_dir = args.out or DOCS_DIR
+    if args.redraw:
+        publish(results_dir, docs_dir, ("sqlite", "postgres"))
+        return 0
+    with ExitStack() as stack:
+        url = resolve_url(args.url, stack)
+        url_text = url.render_as_string(hide_password=False)
+        backend = url.get_backend_name()
+        label = backend_label(url)
+        try:
+            server = asyncio.run(server_version(url_text))
+        except Exception as exc:
+            message = f"{harness.masked(url_text)} is not reachable: {exc}"
+            if args.skip_unreachable:
+                print(f"skipped: {message}")
+                return 0
+            print(message, file=sys.stderr)
+            return 2
+        chosen = [s for s in SCENARIOS if s.name in args.scenarios]
+        skipped = [s.name for s in chosen if backend not in s.backends]
+        chosen = [s for s in chosen if backend in s.backends]
+        if skipped:
+            print(f"not for {backend}: {', '.join(skipped)}")
+        params = Params(
+            url=url_text,
+            rounds=args.rounds,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            tasks=args.tasks,
+            pool_size=args.pool_size,
+        )
+        print(f"# sessionforge benchmark suite on {server} ({harness.masked(url_text)})")
+        started, clock = datetime.now(UTC), time.perf_counter()
+        reports, failures = asyncio.run(run_all(chosen, params))
+        document = suite_document(
+            reports, failures, params, label, server, started, time.perf_counter() - clock
+        )
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"suite-{label}-{started:%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    for name in ("latest.json", f"latest-{label}.json"):
+        shutil.copyfile(path, results_dir / name)
+    print(f"\nresults: {path}")
+
+    publish(results_dir, docs_dir, (label,))
+    print(f"took {document['elapsed_seconds']:.0f} s")
+    if failures:
+        print(f"FAILED scenarios: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The pytest plugin: each test's sessions isolated, the schema made once.
+
+Registered through the ``pytest11`` entry point, so installing sessionforge is enough;
+it does nothing until a test asks for one of its fixtures. Name the app's factory in
+the pytest configuration::
+
+    [tool.pytest.ini_options]
+    sessionforge_factory = "myapp.db:db"            # a SessionFactory or SyncSessionFactory
+    sessionforge_metadata = "myapp.models:Base.metadata"   # optional: the schema
+
+(or ``--sessionforge-factory`` / ``--sessionforge-metadata`` on the command line, or
+override the ``sessionforge_factory`` / ``sessionforge_metadata`` fixtures). Fixtures:
+
+- ``sessionforge_isolation``: the ``isolated()`` handle for the test (``.hooks``,
+  ``.run_hooks()``); every session of the factory, wherever made, is rolled back at the
+  end of the test.
+- ``sessionforge_db``: the factory itself, isolated for the test.
+- ``sessionforge_session``: a session of it, closed after the test.
+- ``sessionforge_schema``: (session scope) the schema, created once before the first
+  test that needs it — from a ``MetaData`` (dropped again at the end) or from a
+  callable given a sync ``Connection`` in a transaction.
+
+All fixtures are plain (sync) fixtures: they work with or without pytest-asyncio, in
+strict and auto mode, whatever the event loop scope of the test, and in sync tests
+using Starlette's ``TestClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData
+from sqlalchemy.engine import Connection, Engine
+
+from .factory import SessionFactory
+from .sync import SyncSessionFactory
+from .testing import AsyncIsolation, SyncIsolation, isolated
+
+__all__ = [
+    "sessionforge_db",
+    "sessionforge_factory",
+    "sessionforge_isolation",
+    "sessionforge_metadata",
+    "sessionforge_schema",
+    "sessionforge_session",
+]
+
+Factory = SessionFactory[Any] | SyncSessionFactory[Any]
+Schema = MetaData | Callable[[Connection], object] | None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sessionforge", "sessionforge test isolation")
+    group.addoption(
+        "--sessionforge-factory",
+        dest="sessionforge_factory",
+        default=None,
+        metavar="MODULE:NAME",
+        help="the app's session factory, e.g. myapp.db:db",
+    )
+    group.addoption(
+        "--sessionforge-metadata",
+        dest="sessionforge_metadata",
+        default=None,
+        metavar="MODULE:NAME",
+        help="the MetaData (or a callable taking a Connection) that creates the schema",
+    )
+    parser.addini("sessionforge_factory", "the app's session factory, as module:name")
+    parser.addini("sessionforge_metadata", "the schema's MetaData (or a callable), as module:name")
+    parser.addini(
+        "sessionforge_run_hooks",
+        "run on-commit hooks at commit in isolated tests instead of capturing them",
+        type="bool",
+        default=False,
+    )
+
+
+def _setting(config: pytest.Config, name: str) -> str | None:
+    value = config.getoption(name) or config.getini(name)
+    return str(value) if value else None
+
+
+def _resolve(spec: str, setting: str) -> Any:
+    """``"package.module:attr.attr"`` → the object."""
+    module_name, _, path = spec.partition(":")
+    if not module_name or not path:
+        raise pytest.UsageError(f"{setting} = {spec!r}: expected module:name, e.g. myapp.db:db")
+    target: Any = importlib.import_module(module_name)
+    for part in path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise pytest.UsageError(f"{setting} = {spec!r}: {module_name} has no {path}") from None
+    return target
+
+
+@pytest.fixture(scope="session")
+def sessionforge_factory(pytestconfig: pytest.Config) -> Factory:
+    """The app's factory, named by ``sessionforge_factory`` (override to build your own)."""
+    spec = _setting(pytestconfig, "sessionforge_factory")
+    if spec is None:
+        raise pytest.UsageError(
+            "sessionforge's fixtures need the app's factory: set sessionforge_factory = "
+            '"myapp.db:db" in the pytest configuration, pass --sessionforge-factory, or '
+            "override the sessionforge_factory fixture"
+        )
+    factory = _resolve(spec, "sessionforge_factory")
+    if not isinstance(factory, SessionFactory | SyncSessionFactory):
+        raise pytest.UsageError(
+            f"sessionforge_factory = {spec!r} is a {type(factory).__name__}, not a "
+            "SessionFactory or SyncSessionFactory"
+        )
+    return factory
+
+
+@pytest.fixture(scope="session")
+def sessionforge_metadata(pytestconfig: pytest.Config) -> Schema:
+    """What creates the schema: a ``MetaData``, a callable, or ``None`` (nothing to do)."""
+    spec = _setting(pytestconfig, "sessionforge_metadata")
+    if spec is None:
+        return None
+    schema = _resolve(spec, "sessionforge_metadata")
+    if not isinstance(schema, MetaData) and not callable(schema):
+        raise pytest.UsageError(
+            f"sessionforge_metadata = {spec!r} is a {type(schema).__name__}, not a MetaData "
+            "or a callable taking a Connection"
+        )
+    return schema  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def sessionforge_schema(
+    sessionforge_factory: Factory, sessionforge_metadata: Schema
+) -> Iterator[None]:
+    """Create the schema once, through the factory's sync twin (no event loop needed)."""
+    if sessionforge_metadata is None:
+        yield
+        return
+    sync = (
+        sessionforge_factory.sync
+        if isinstance(sessionforge_factory, SessionFactory)
+        else sessionforge_factory
+    )
+    engine: Engine = sync.engine
+    with engine.begin() as connection:
+        if isinstance(sessionforge_metadata, MetaData):
+            sessionforge_metadata.create_all(connection)
+        else:
+            sessionforge_metadata(connection)
+    yield
+    if isinstance(sessionforge_metadata, MetaData):
+        with engine.begin() as connection:
+            sessionforge_metadata.drop_all(connection)
+    sync.dispose()
+
+
+@pytest.fixture
+def sessionforge_isolation(
+    sessionforge_factory: Factory, sessionforge_schema: None, pytestconfig: pytest.Config
+) -> Iterator[AsyncIsolation[Any] | SyncIsolation[Any]]:
+    """The test's ``isolated()`` handle: everything is rolled back after the test."""
+    run_hooks = bool(pytestconfig.getini("sessionforge_run_hooks"))
+    with isolated(sessionforge_factory, run_hooks=run_hooks) as iso:
+        yield iso
+
+
+@pytest.fixture
+def sessionforge_db(sessionforge_isolation: AsyncIsolation[Any] | SyncIsolation[Any]) -> Any:
+    """The app's factory, isolated for this test."""
+    return sessionforge_isolation.factory
+
+
+@pytest.fixture
+def sessionforge_session(
+    sessionforge_isolation: AsyncIsolation[Any] | SyncIsolation[Any],
+) -> Iterator[Any]:
+    """A session of the isolated factory (async or sync, as the factory), closed after."""
+    session = sessionforge_isolation.factory()
+    try:
+        yield session
+    finally:
+        if isinstance(sessionforge_isolation, AsyncIsolation):
+            _run_in_own_loop(session.close)
+        else:
+            session.close()
+
+
+def _run_in_own_loop(fn: Callable[[], Any]) -> None:
+    """Run the coroutine ``fn()`` in a fresh event loop on a thread of its own.
+
+    A sync fixture may run while pytest-asyncio's loop is set (or even running), so it
+    does not borrow it.
+    """
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(fn())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="sessionforge-fixture")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]

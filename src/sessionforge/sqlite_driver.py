@@ -1,0 +1,614 @@
+"""sessionforge's async SQLite driver, ``sqlite+sessionforge://``: one thread hop per statement.
+
+SQLAlchemy 2.1's aiosqlite adaptation awaits a thread hop for each step of a statement
+(make the cursor, execute, fetch, close): eight hops for ``BEGIN``/``INSERT``/``COMMIT``
+and the pool's reset. Here each connection owns one thread that alone uses its
+``sqlite3`` connection, and
+
+* a statement is executed, its rows fetched and its cursor closed in **one** hop;
+  cursors on our side are plain objects, made and closed without a hop;
+* ``COMMIT`` and ``ROLLBACK`` are one hop each, and none when no transaction is open
+  (the pool's reset-on-return after a COMMIT is free);
+* ``stream()`` / ``stream_results`` get a real server-side cursor: one hop per
+  ``fetchmany`` batch;
+* a task cancelled while its statement runs does not disturb the connection: the
+  statement finishes on the thread, the next call (the pool's ROLLBACK) queues behind
+  it, and the connection stays usable;
+* ``close()`` ends the thread; so does ``terminate()`` (the pool's invalidation, and
+  garbage collection of a connection that was never closed), once the statement in
+  flight ends — closing the ``sqlite3`` connection rolls its transaction back, so no
+  lock outlives it.
+
+Everything else (SQL compilation, types, reflection, isolation levels, the REGEXP and
+FLOOR functions) is SQLAlchemy's pysqlite dialect, as for aiosqlite.
+
+Reliance on SQLAlchemy internals (written against SQLAlchemy 2.1.9), all of it here:
+
+1. ``SQLiteDialect_sessionforge`` subclasses ``SQLiteDialect_pysqlite`` and sets the
+   attributes SQLAlchemy's asyncio layer looks for (``is_async``, ``has_terminate``,
+   ``supports_server_side_cursors``, ``get_driver_connection``, ``do_terminate``),
+   as its own ``SQLiteDialect_aiosqlite`` does.
+2. Sync DBAPI calls made in SQLAlchemy's greenlet wait for the thread with
+   ``sqlalchemy.util.await_``; the connection subclasses ``AdaptedConnection``.
+3. ``AsyncResult`` calls ``cursor._async_soft_close()`` on every buffered cursor
+   (``ext/asyncio/result.py``) — a private hook of SQLAlchemy's own adapter cursors
+   (``connectors/asyncio.py``), which we implement as a no-op.
+4. ``SQLiteExecutionContext.create_server_side_cursor`` is overridden, as in
+   aiosqlite's dialect, to ask for ``cursor(server_side=True)``.
+
+``tests/test_sqlite_driver.py`` exercises each; run the whole suite on this driver with
+``SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import re
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+
+from sqlalchemy import pool, util
+from sqlalchemy.dialects.sqlite.base import SQLiteExecutionContext
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import AdaptedConnection
+from sqlalchemy.exc import MissingGreenlet
+from sqlalchemy.util.concurrency import in_greenlet
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, DBAPIModule
+    from sqlalchemy.engine.url import URL
+
+__all__ = ["ConnectionThread", "SQLiteDialect_sessionforge"]
+
+_T = TypeVar("_T")
+
+#: The driver name: ``sqlite+sessionforge:///app.db``.
+DRIVER: Final = "sessionforge"
+
+# (function, arguments, loop, future); a job without a future is not waited for.
+_Job = tuple[
+    Callable[..., Any],
+    tuple[Any, ...],
+    asyncio.AbstractEventLoop | None,
+    "asyncio.Future[Any] | None",
+]
+
+# sqlite3.Connection methods a DBAPI connection forwards to the connection's thread
+# (SQLAlchemy's pysqlite dialect calls create_function; event listeners call others).
+_FORWARDED: Final = frozenset(
+    {
+        "backup",
+        "create_aggregate",
+        "create_collation",
+        "create_function",
+        "create_window_function",
+        "enable_load_extension",
+        "load_extension",
+        "set_authorizer",
+        "set_progress_handler",
+        "set_trace_callback",
+    }
+)
+
+
+class ConnectionThread:
+    """One ``sqlite3`` connection and the thread that alone uses it, one call at a time.
+
+    It is the *driver connection* of ``sqlite+sessionforge`` (what
+    ``AsyncConnection.get_raw_connection()`` leads to): run code against the
+    ``sqlite3`` connection with ``await thread.run(fn, *args)``.
+
+    Example::
+
+        raw = await connection.get_raw_connection()
+        names = await raw.driver_connection.run(
+            lambda c: [row[0] for row in c.execute("SELECT name FROM sqlite_master")]
+        )
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_finished",
+        "_jobs",
+        "_submitted",
+        "_thread",
+        "connection",
+        "pending_begin",
+    )
+
+    def __init__(self) -> None:
+        self.connection: sqlite3.Connection | None = None
+        # A BEGIN not sent yet: it runs first in the next submitted call, same hop.
+        self.pending_begin: str | None = None
+        self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        # Jobs submitted (by the loop) and finished (by the thread): equal when idle.
+        self._submitted = 0
+        self._finished = 0
+        # A daemon thread, as aiosqlite's: a connection leaked until interpreter exit
+        # must not hold the process open.
+        self._thread = threading.Thread(
+            target=self._serve, name="sessionforge-sqlite", daemon=True
+        )
+        self._thread.start()
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread."""
+        return await self.submit(fn, self.connection, *args)
+
+    @property
+    def idle(self) -> bool:
+        """True when no call is queued or running (even one whose waiter gave up)."""
+        return self._submitted == self._finished
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Queue ``fn(*args)``; the future (of the running loop) gets its outcome."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        begin = self.pending_begin
+        if begin is not None:
+            self.pending_begin = None
+            fn, args = _after_begin, (self.connection, begin, fn, args)
+        self._submitted += 1
+        self._jobs.put((fn, args, loop, future))
+        return future
+
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Queue ``fn(*args)`` and do not wait for it; its errors are dropped.
+
+        A pending BEGIN stays pending: its error would have nobody to go to.
+        """
+        self._submitted += 1
+        self._jobs.put((fn, args, None, None))
+
+    def stop(self) -> None:
+        """End the thread once the calls already queued have run."""
+        self._jobs.put(None)
+
+    def join(self) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _serve(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            fn, args, loop, future = job
+            failed = False
+            try:
+                outcome = fn(*args)
+            except Exception as exc:
+                outcome, failed = exc, True
+            self._finished += 1  # only this thread writes it
+            if loop is not None and future is not None:
+                # RuntimeError: the loop closed while the call ran; nobody waits for it.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_deliver, future, outcome, failed)
+            del job, fn, args, loop, future, outcome
+
+    def open(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Connect, on the thread (a ``sqlite3`` connection belongs to its thread)."""
+        self.connection = sqlite3.connect(*args, **kwargs)
+
+    def close_connection(self) -> None:
+        """Close the ``sqlite3`` connection, on the thread; rolls back any transaction."""
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.close()
+
+
+class _Nothing:
+    """An awaitable that completes at once, without a trip through the event loop."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
+
+
+_NOTHING: Final = _Nothing()
+
+
+def _deliver(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+    if future.cancelled():
+        return  # the waiting task was cancelled; the call ran to its end regardless
+    if failed:
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn(*args)`` on ``thread`` and wait for it in SQLAlchemy's greenlet."""
+    if not in_greenlet():
+        # Checked first: a job queued before await_ refused would still run.
+        raise MissingGreenlet(
+            "sqlite+sessionforge runs SQL on the connection's thread and must be awaited "
+            "in SQLAlchemy's greenlet: use it through create_async_engine/AsyncSession"
+        )
+    return util.await_(thread.submit(fn, *args))
+
+
+# --- work done on the connection's thread ---------------------------------------------
+
+_Outcome = tuple[Any, int, Any, list[Any]]  # description, rowcount, lastrowid, rows
+
+# The statements that begin a transaction (SQLAlchemy's recipe, sessionforge's preset).
+_BEGIN: Final = re.compile(
+    r"\s*BEGIN(?:\s+(?:DEFERRED|IMMEDIATE|EXCLUSIVE))?(?:\s+TRANSACTION)?\s*;?\s*", re.I
+)
+_LONGEST_BEGIN: Final = 64
+
+
+def _execute(
+    connection: sqlite3.Connection, operation: str, parameters: Any, many: bool
+) -> _Outcome:
+    """Execute, fetch every row and close the cursor: one statement, one hop."""
+    cursor = connection.cursor()
+    try:
+        if many:
+            cursor.executemany(operation, parameters)
+        elif parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+        description = cursor.description
+        rows = cursor.fetchall() if description is not None else []
+        return description, cursor.rowcount, cursor.lastrowid, rows
+    finally:
+        cursor.close()
+
+
+def _open_cursor(
+    connection: sqlite3.Connection, operation: str, parameters: Any
+) -> tuple[sqlite3.Cursor, Any, int, Any]:
+    """Execute on a cursor kept open for a server-side (streamed) result."""
+    cursor = connection.cursor()
+    try:
+        if parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+    except BaseException:
+        cursor.close()
+        raise
+    return cursor, cursor.description, cursor.rowcount, cursor.lastrowid
+
+
+def _after_begin(
+    connection: sqlite3.Connection, begin: str, fn: Callable[..., _T], args: tuple[Any, ...]
+) -> _T:
+    """A deferred ``BEGIN``, then the call that follows it (in the same hop)."""
+    connection.execute(begin).close()
+    return fn(*args)
+
+
+def _set_isolation_level(connection: sqlite3.Connection, value: str | None) -> None:
+    # typeshed allows only None/DEFERRED/IMMEDIATE/EXCLUSIVE; SQLAlchemy also sets "".
+    cast(Any, connection).isolation_level = value
+
+
+# --- the DBAPI adapter ---------------------------------------------------------------
+
+
+class AsyncAdapt_sessionforge_cursor:
+    """A buffered cursor: each ``execute`` is one hop that brings back every row."""
+
+    server_side = False
+    __slots__ = ("_adapt_connection", "_rows", "arraysize", "description", "lastrowid", "rowcount")
+
+    def __init__(self, adapt_connection: AsyncAdapt_sessionforge_connection) -> None:
+        self._adapt_connection = adapt_connection
+        self._rows: collections.deque[Any] = collections.deque()
+        self.arraysize = 1
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: Any = None
+
+    def execute(self, operation: str, parameters: Any = None) -> None:
+        self._run(operation, parameters, many=False)
+
+    def executemany(self, operation: str, seq_of_parameters: Any) -> None:
+        self._run(operation, seq_of_parameters, many=True)
+
+    def _run(self, operation: str, parameters: Any, *, many: bool) -> None:
+        adapt = self._adapt_connection
+        if not many and not parameters and adapt._defer_begin(operation):
+            self.description, self.rowcount, self.lastrowid = None, -1, None
+            self._rows.clear()
+            # SQLAlchemy's AsyncConnection.execute() refuses a statement that awaited
+            # nothing (AwaitRequired, its test for sync drivers): await a no-op.
+            util.await_(_NOTHING)
+            return
+        outcome = adapt._run(_execute, adapt._sqlite, operation, parameters, many)
+        self.description, self.rowcount, self.lastrowid, rows = outcome
+        self._rows = collections.deque(rows)
+
+    def fetchone(self) -> Any:
+        return self._rows.popleft() if self._rows else None
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        rows = self._rows
+        count = min(self.arraysize if size is None else size, len(rows))
+        return [rows.popleft() for _ in range(count)]
+
+    def fetchall(self) -> list[Any]:
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        while self._rows:
+            yield self._rows.popleft()
+
+    def close(self) -> None:
+        self._rows.clear()
+
+    async def _async_soft_close(self) -> None:
+        """SQLAlchemy's asyncio results call this; our cursor holds nothing to close."""
+
+    def setinputsizes(self, *sizes: Any) -> None:
+        pass
+
+    def setoutputsize(self, size: Any, column: Any = None) -> None:
+        pass
+
+
+class AsyncAdapt_sessionforge_ss_cursor(AsyncAdapt_sessionforge_cursor):
+    """A server-side cursor: the ``sqlite3`` cursor stays open; one hop per fetch."""
+
+    server_side = True
+    __slots__ = ("_cursor",)
+
+    def __init__(self, adapt_connection: AsyncAdapt_sessionforge_connection) -> None:
+        super().__init__(adapt_connection)
+        self._cursor: sqlite3.Cursor | None = None
+
+    def _run(self, operation: str, parameters: Any, *, many: bool) -> None:
+        if many:
+            super()._run(operation, parameters, many=True)
+            return
+        self.close()
+        adapt = self._adapt_connection
+        outcome = adapt._run(_open_cursor, adapt._sqlite, operation, parameters)
+        self._cursor, self.description, self.rowcount, self.lastrowid = outcome
+
+    def fetchone(self) -> Any:
+        if self._cursor is None:
+            return super().fetchone()
+        return self._adapt_connection._run(self._cursor.fetchone)
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        if self._cursor is None:
+            return super().fetchmany(size)
+        size = self.arraysize if size is None else size
+        return self._adapt_connection._run(self._cursor.fetchmany, size)
+
+    def fetchall(self) -> list[Any]:
+        if self._cursor is None:
+            return super().fetchall()
+        return self._adapt_connection._run(self._cursor.fetchall)
+
+    def __iter__(self) -> Iterator[Any]:
+        while rows := self.fetchmany(max(self.arraysize, 100)):
+            yield from rows
+
+    def close(self) -> None:
+        super().close()
+        if self._cursor is not None:
+            # Queued, not waited for: it runs before anything queued after it.
+            cursor, self._cursor = self._cursor, None
+            self._adapt_connection._thread.post(cursor.close)
+
+
+class AsyncAdapt_sessionforge_connection(AdaptedConnection):
+    """The DBAPI connection SQLAlchemy sees; its I/O is done by a ``ConnectionThread``."""
+
+    __slots__ = ("__weakref__", "_finalizer", "_sqlite", "_thread", "dbapi")
+
+    _connection: Any
+
+    def __init__(self, dbapi: AsyncAdapt_sessionforge_dbapi, thread: ConnectionThread) -> None:
+        assert thread.connection is not None
+        self.dbapi = dbapi
+        self._thread = thread
+        self._sqlite: sqlite3.Connection = thread.connection
+        self._connection = thread
+        # A connection collected without close(): its thread closes it and ends.
+        self._finalizer = weakref.finalize(self, _abandon, thread)
+
+    # Attribute reads need no hop: sqlite3 allows them from any thread, and they read
+    # state only our thread's calls change, all of which were awaited.
+    @property
+    def isolation_level(self) -> str | None:
+        return self._sqlite.isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        # Setting None COMMITs an open transaction, so it runs on the thread.
+        _call(self._thread, _set_isolation_level, self._sqlite, value)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._thread.pending_begin is not None or self._sqlite.in_transaction
+
+    def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return _call(self._thread, fn, *args)
+
+    def _defer_begin(self, operation: str) -> bool:
+        """Keep a BEGIN to send with the next statement, saving it a hop of its own.
+
+        Only on an idle connection outside a transaction, where the BEGIN can fail
+        only by waiting for a lock (its error then comes from the next statement).
+        Nothing reaches the database in between, so the transaction is the same: it
+        starts just before its first statement, as if the BEGIN had been slow.
+        """
+        if (
+            len(operation) > _LONGEST_BEGIN
+            or _BEGIN.fullmatch(operation) is None
+            or self._thread.pending_begin is not None
+            or not self._thread.idle
+            or self._sqlite.in_transaction
+        ):
+            return False
+        self._thread.pending_begin = operation
+        return True
+
+    def cursor(self, server_side: bool = False) -> AsyncAdapt_sessionforge_cursor:
+        if server_side:
+            return AsyncAdapt_sessionforge_ss_cursor(self)
+        return AsyncAdapt_sessionforge_cursor(self)
+
+    def interrupt(self) -> None:
+        """Abort the statement running on the thread (sqlite3 allows this from any thread)."""
+        self._sqlite.interrupt()
+
+    def execute(self, operation: str, parameters: Any = None) -> AsyncAdapt_sessionforge_cursor:
+        cursor = self.cursor()
+        cursor.execute(operation, parameters)
+        return cursor
+
+    def commit(self) -> None:
+        self._end(self._sqlite.commit)
+
+    def rollback(self) -> None:
+        self._end(self._sqlite.rollback)
+
+    def _end(self, method: Callable[[], None]) -> None:
+        if self._thread.pending_begin is not None:
+            # BEGIN then COMMIT/ROLLBACK with nothing between: nothing to send.
+            self._thread.pending_begin = None
+            return
+        # sqlite3 does nothing on COMMIT/ROLLBACK outside a transaction; we spare the
+        # hop. Read only when idle: a cancelled statement may still be running.
+        if self._thread.idle and not self._sqlite.in_transaction:
+            return
+        _call(self._thread, method)
+
+    def close(self) -> None:
+        if not self._finalizer.alive:
+            return
+        self._finalizer.detach()
+        thread = self._thread
+        thread.pending_begin = None
+        try:
+            _call(thread, thread.close_connection)
+        finally:
+            thread.stop()
+        thread.join()
+
+    def terminate(self) -> None:
+        """Close without waiting (invalidation, garbage collection): the thread closes
+        the connection once the statement in flight ends, then stops."""
+        if self._finalizer.alive:
+            self._finalizer()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _FORWARDED:
+            method = getattr(self._sqlite, name)
+            return lambda *args, **kwargs: self._run(_apply, method, args, kwargs)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def _apply(fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _T:
+    return fn(*args, **kwargs)
+
+
+def _abandon(thread: ConnectionThread) -> None:
+    thread.post(thread.close_connection)
+    thread.stop()
+
+
+class AsyncAdapt_sessionforge_dbapi:
+    """The DBAPI module SQLAlchemy sees: ``sqlite3``'s names, our ``connect``."""
+
+    paramstyle = "qmark"
+
+    def __init__(self) -> None:
+        for name in (
+            "DatabaseError",
+            "DataError",
+            "Error",
+            "IntegrityError",
+            "InterfaceError",
+            "InternalError",
+            "NotSupportedError",
+            "OperationalError",
+            "ProgrammingError",
+            "Warning",
+            "Binary",
+            "PARSE_COLNAMES",
+            "PARSE_DECLTYPES",
+            "sqlite_version",
+            "sqlite_version_info",
+        ):
+            setattr(self, name, getattr(sqlite3, name))
+
+    def connect(self, *args: Any, **kwargs: Any) -> AsyncAdapt_sessionforge_connection:
+        if "async_creator_fn" in kwargs:
+            raise NotImplementedError(
+                "sqlite+sessionforge opens its own connections; use create_async_engine "
+                "without async_creator, or sqlite+aiosqlite with it"
+            )
+        thread = ConnectionThread()
+        try:
+            _call(thread, thread.open, args, kwargs)
+        except BaseException:
+            # Cancelled or failed: the connect may still complete on the thread.
+            _abandon(thread)
+            raise
+        return AsyncAdapt_sessionforge_connection(self, thread)
+
+
+# --- the dialect ---------------------------------------------------------------------
+
+
+class SQLiteExecutionContext_sessionforge(SQLiteExecutionContext):
+    def create_server_side_cursor(self) -> DBAPICursor:
+        return self._dbapi_connection.cursor(server_side=True)
+
+
+class SQLiteDialect_sessionforge(SQLiteDialect_pysqlite):
+    """``sqlite+sessionforge://``: the pysqlite dialect over one thread per connection.
+
+    Example::
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        import sessionforge  # registers the driver name with SQLAlchemy
+
+        engine = create_async_engine("sqlite+sessionforge:///app.db")
+    """
+
+    driver = DRIVER
+    supports_statement_cache = True
+    is_async = True
+    has_terminate = True
+    supports_server_side_cursors = True
+    execution_ctx_cls = SQLiteExecutionContext_sessionforge
+
+    @classmethod
+    def import_dbapi(cls) -> DBAPIModule:
+        return cast("DBAPIModule", AsyncAdapt_sessionforge_dbapi())
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        if cls._is_url_file_db(url):
+            return pool.AsyncAdaptedQueuePool
+        cls._warn_memory_mode_pool_selection(url, pool.StaticPool, pool.AsyncAdaptedQueuePool)
+        return pool.StaticPool
+
+    def get_driver_connection(self, connection: DBAPIConnection) -> ConnectionThread:
+        return cast(AsyncAdapt_sessionforge_connection, connection)._thread
+
+    def do_terminate(self, dbapi_connection: DBAPIConnection) -> None:
+        cast(AsyncAdapt_sessionforge_connection, dbapi_connection).terminate()
+
+
+dialect = SQLiteDialect_sessionforge

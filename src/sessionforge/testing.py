@@ -1,0 +1,737 @@
+"""Test isolation: every session of a factory on one connection, rolled back at the end.
+
+``isolated(db)`` opens one connection, begins a transaction on it (on SQLite the
+preset's real ``BEGIN IMMEDIATE``), and until the block ends binds every session the
+factory makes — in the test, in app code, in FastAPI dependencies and middleware, on
+any task, thread or event loop — to that connection with
+``join_transaction_mode="create_savepoint"``. A session's transaction is then a
+SAVEPOINT: ``commit()`` releases it, ``rollback()`` rolls back to it, ``atomic()``
+nests further SAVEPOINTs. At the end the outer transaction is rolled back, so nothing
+the test did stays in the database::
+
+    async with isolated(db) as iso:
+        async with db.begin() as session:
+            session.add(User(name="ada"))     # committed... to a SAVEPOINT
+        assert iso.hooks == []                # on-commit hooks are captured, not run
+
+    with isolated(db.sync) as iso: ...
+
+One connection serves one session transaction at a time: a session that begins a
+transaction while another session's is open waits for it to end (sessions begun by
+the task or thread holding the connection, or by tasks it started, nest instead).
+
+The async twin's connection lives in an event loop of its own, on a thread of its own;
+the driver's I/O is handed to that loop, so sessions in any loop — the test's, or the
+one Starlette's ``TestClient`` runs the app in — can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import Coroutine, Generator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar, overload
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.util import await_
+
+from ._sqla import in_greenlet
+from .core import FactoryCore, IsolatedConnection
+from .errors import ConfigurationError
+from .factory import SessionFactory
+from .hooks import CAPTURE_KEY, Hook
+from .sync import SyncSessionFactory
+
+__all__ = ["AsyncIsolation", "SyncIsolation", "isolated"]
+
+_AS = TypeVar("_AS", bound=AsyncSession)
+_S = TypeVar("_S", bound=Session)
+_T = TypeVar("_T")
+
+#: Seconds a session waits for the isolated connection before giving up.
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+@overload
+def isolated(
+    db: SessionFactory[_AS], *, run_hooks: bool = False, lock_timeout: float = ...
+) -> AsyncIsolation[_AS]: ...
+
+
+@overload
+def isolated(
+    db: SyncSessionFactory[_S], *, run_hooks: bool = False, lock_timeout: float = ...
+) -> SyncIsolation[_S]: ...
+
+
+def isolated(
+    db: SessionFactory[Any] | SyncSessionFactory[Any],
+    *,
+    run_hooks: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> AsyncIsolation[Any] | SyncIsolation[Any]:
+    """Route every session of ``db`` onto one connection, rolled back at exit.
+
+    ``async with isolated(db)`` for a ``SessionFactory`` (plain ``with`` also works, for
+    sync tests such as ones using Starlette's ``TestClient``); ``with
+    isolated(db.sync)`` for a ``SyncSessionFactory``. The handle's ``hooks`` collects
+    the on-commit hooks of sessions that committed, in order, without running them;
+    ``run_hooks()`` runs them. ``run_hooks=True`` runs them at each commit instead, as
+    outside the test. ``lock_timeout`` bounds the wait of a session for the connection
+    (a session left open by the test would otherwise hang the next one).
+    """
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float):
+        raise ConfigurationError(f"lock_timeout={lock_timeout!r} is invalid: expected seconds")
+    if lock_timeout <= 0:
+        raise ConfigurationError(f"lock_timeout={lock_timeout!r} is invalid: expected seconds > 0")
+    if isinstance(db, SessionFactory):
+        return AsyncIsolation(db, run_hooks=run_hooks, lock_timeout=lock_timeout)
+    if isinstance(db, SyncSessionFactory):
+        return SyncIsolation(db, run_hooks=run_hooks, lock_timeout=lock_timeout)
+    raise ConfigurationError(
+        f"isolated() takes a SessionFactory or a SyncSessionFactory, got {type(db).__name__}"
+    )
+
+
+# --- the handles -------------------------------------------------------------------
+
+
+class _Isolation:
+    """What both handles share: the lock, the captured hooks, the session listeners."""
+
+    def __init__(self, core: FactoryCore[Any], *, run_hooks: bool, lock_timeout: float) -> None:
+        self._core = core
+        self._run_hooks = run_hooks
+        self._lock = _ConnectionLock(lock_timeout)
+        self._bound: Connection | None = None
+        #: Transactions begun outside a greenlet while the connection was taken: they
+        #: take their turn at their first statement or flush.
+        self._pending: set[SessionTransaction] = set()
+        #: On-commit hooks of sessions that committed, not run yet, oldest first.
+        self.hooks: list[Hook] = []
+
+    def _route(
+        self, connection: AsyncConnection | Connection, sync_connection: Connection
+    ) -> None:
+        """Send the factory's sessions to ``connection`` (its outer transaction begun)."""
+        core = self._core
+        self._check_not_isolated()
+        self._bound = sync_connection
+        if not self._run_hooks:
+            sync_connection.info[CAPTURE_KEY] = self.hooks.extend
+        for name, listener in self._listeners():
+            event.listen(core.sync_class, name, listener)
+        event.listen(sync_connection.engine, "handle_error", self._keep_connection)
+        core.isolation = IsolatedConnection(connection)
+
+    def _keep_connection(self, context: ExceptionContext) -> None:
+        # A statement cancelled mid-flight (a begin(timeout=) deadline, a cancelled
+        # task): SQLAlchemy would invalidate the connection, and with it every later
+        # session of the test. The drivers finish or cancel the statement and keep the
+        # connection usable; the SAVEPOINT is rolled back as for any other error.
+        if context.connection is self._bound and isinstance(
+            context.original_exception, asyncio.CancelledError
+        ):
+            context.is_disconnect = False
+
+    def _listeners(self) -> tuple[tuple[str, Any], ...]:
+        return (
+            ("after_transaction_create", self._transaction_created),
+            ("after_transaction_end", self._transaction_ended),
+            # where a deferred lock is taken (see AsyncIsolation._acquire)
+            ("before_flush", self._before_flush),
+            ("do_orm_execute", self._before_execute),
+            ("before_commit", self._before_commit),
+        )
+
+    def _check_not_isolated(self) -> None:
+        if self._core.isolation is not None:
+            raise ConfigurationError(
+                "this factory is already isolated; isolated() blocks of one factory cannot nest"
+            )
+
+    def _unroute(self) -> None:
+        core = self._core
+        core.isolation = None
+        for name, listener in self._listeners():
+            event.remove(core.sync_class, name, listener)
+        bound, self._bound = self._bound, None
+        if bound is not None:
+            event.remove(bound.engine, "handle_error", self._keep_connection)
+            if not bound.invalidated:
+                bound.info.pop(CAPTURE_KEY, None)
+
+    def _transaction_created(self, session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None and session.bind is self._bound and self._bound is not None:
+            self._acquire(transaction)
+
+    def _transaction_ended(self, session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:
+            self._pending.discard(transaction)
+            self._lock.release(transaction)
+
+    def _before_flush(self, session: Session, _context: object, _instances: object) -> None:
+        self._take_deferred(session)
+
+    def _before_execute(self, state: ORMExecuteState) -> None:
+        self._take_deferred(state.session)
+
+    def _take_deferred(self, session: Session) -> None:
+        root = session.get_transaction()
+        if root is not None and root in self._pending:
+            self._pending.discard(root)
+            self._acquire(root)
+
+    def _before_commit(self, session: Session) -> None:
+        # A task started inside this transaction may have stacked its own SAVEPOINT on
+        # ours; releasing ours first would destroy it. Wait for it to end.
+        root = session.get_transaction()
+        if root is not None and session.bind is self._bound:
+            self._wait_on_top(root)
+
+    def _acquire(self, transaction: SessionTransaction) -> None:
+        raise NotImplementedError
+
+    def _wait_on_top(self, transaction: SessionTransaction) -> None:
+        raise NotImplementedError
+
+
+class AsyncIsolation(_Isolation, Generic[_AS]):
+    """The handle ``isolated(db)`` gives for a ``SessionFactory``."""
+
+    def __init__(self, db: SessionFactory[_AS], *, run_hooks: bool, lock_timeout: float) -> None:
+        super().__init__(db._core, run_hooks=run_hooks, lock_timeout=lock_timeout)
+        #: The isolated factory (the one given: it is routed, not copied).
+        self.factory = db
+        self._home: _HomeLoop | None = None
+        self._connection: AsyncConnection | None = None
+
+    @property
+    def connection(self) -> AsyncConnection:
+        """The connection every session of the factory uses while isolated."""
+        if self._connection is None:
+            raise RuntimeError("the isolated() block has not been entered")
+        return self._connection
+
+    async def run_hooks(self) -> int:
+        """Run (await, if async) the captured on-commit hooks in order; return how many.
+
+        Hooks registered by a running hook, through sessions that commit, run too. A
+        hook's exception propagates; the hooks after it stay in ``hooks``.
+        """
+        count = 0
+        while self.hooks:
+            result = self.hooks.pop(0)()
+            if inspect.isawaitable(result):
+                await result
+            count += 1
+        return count
+
+    # entering and leaving ------------------------------------------------------------
+
+    def _open(self) -> Coroutine[Any, Any, AsyncConnection]:
+        core = self._core
+        home = self._home
+        assert home is not None
+
+        async def open_() -> AsyncConnection:
+            connection = await core.async_engine().connect()
+            try:
+                await connection.begin()
+                raw = await connection.get_raw_connection()
+                _bridge_driver(raw.dbapi_connection, home)
+            except BaseException:
+                await connection.close()
+                raise
+            return connection
+
+        return open_()
+
+    def _close(self, connection: AsyncConnection) -> Coroutine[Any, Any, None]:
+        async def close() -> None:
+            try:
+                if connection.invalidated:  # e.g. a statement cancelled mid-flight
+                    return
+                raw = await connection.get_raw_connection()
+                _unbridge_driver(raw.dbapi_connection)
+                await connection.rollback()
+            finally:
+                await connection.close()
+
+        return close()
+
+    def _started(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+        try:
+            self._route(connection, connection.sync_connection)  # type: ignore[arg-type]
+        except BaseException:
+            assert self._home is not None
+            self._home.run(self._close(connection))
+            self._home.stop()
+            self._home = self._connection = None
+            raise
+
+    async def __aenter__(self) -> Self:
+        # The same steps as ``with``: they wait on the connection's own loop, so they
+        # run in a worker thread rather than block this one.
+        return await asyncio.to_thread(self.__enter__)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
+
+    def __enter__(self) -> Self:
+        """Enter from sync code (a sync test, a pytest fixture); the app may be async."""
+        self._check_free()
+        home = self._home = _HomeLoop()
+        home.start()
+        try:
+            connection = home.run(self._open())
+        except BaseException:
+            home.stop()
+            self._home = None
+            raise
+        self._started(connection)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        home, connection = self._home, self._connection
+        if home is None or connection is None:
+            return
+        try:
+            self._unroute()
+        finally:
+            try:
+                home.run(self._close(connection))
+            finally:
+                home.stop()
+            self._home = self._connection = None
+
+    def _check_free(self) -> None:
+        if self._home is not None:
+            raise ConfigurationError("this isolated() handle is in use; make one per block")
+        self._check_not_isolated()
+
+    def _acquire(self, transaction: SessionTransaction) -> None:
+        if in_greenlet():
+            await_(self._lock.acquire_async(transaction))
+        elif not self._lock.acquire_now(transaction):
+            # Autobegun outside SQLAlchemy's greenlet (session.add() does that), where
+            # nothing can wait: wait at the first flush or statement instead, which run
+            # in the greenlet before the connection is touched.
+            self._pending.add(transaction)
+
+    def _wait_on_top(self, transaction: SessionTransaction) -> None:
+        if in_greenlet():
+            await_(self._lock.wait_on_top_async(transaction))
+        else:
+            self._lock.wait_on_top(transaction)
+
+
+class SyncIsolation(_Isolation, Generic[_S]):
+    """The handle ``isolated(db.sync)`` gives for a ``SyncSessionFactory``."""
+
+    def __init__(
+        self, db: SyncSessionFactory[_S], *, run_hooks: bool, lock_timeout: float
+    ) -> None:
+        super().__init__(db._core, run_hooks=run_hooks, lock_timeout=lock_timeout)
+        #: The isolated factory (the one given: it is routed, not copied).
+        self.factory = db
+        self._connection: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        """The connection every session of the factory uses while isolated."""
+        if self._connection is None:
+            raise RuntimeError("the isolated() block has not been entered")
+        return self._connection
+
+    def run_hooks(self) -> int:
+        """Run the captured on-commit hooks in order; return how many (see the async one)."""
+        count = 0
+        while self.hooks:
+            result = self.hooks.pop(0)()
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError("an on-commit hook returned an awaitable on the sync twin")
+            count += 1
+        return count
+
+    def __enter__(self) -> Self:
+        if self._connection is not None:
+            raise ConfigurationError("this isolated() handle is in use; make one per block")
+        self._check_not_isolated()
+        connection = self._core.sync_engine().connect()
+        try:
+            connection.begin()
+            self._route(connection, connection)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        self._connection = None
+        try:
+            self._unroute()
+        finally:
+            try:
+                if not connection.invalidated:
+                    connection.rollback()
+            finally:
+                connection.close()
+
+    def _acquire(self, transaction: SessionTransaction) -> None:
+        self._lock.acquire(transaction)
+
+    def _wait_on_top(self, transaction: SessionTransaction) -> None:
+        self._lock.wait_on_top(transaction)
+
+
+# --- one session transaction at a time ----------------------------------------------
+
+# The lock tokens held by this context and the contexts it was copied from (a task
+# started by a holder inherits them): a session whose context holds the newest token
+# nests its SAVEPOINT on top instead of waiting.
+_HELD: ContextVar[tuple[object, ...]] = ContextVar("sessionforge_isolation_held", default=())
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    key: object
+    held: tuple[object, ...]
+    event: threading.Event | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[None] | None = None
+    token: object | None = None
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
+        elif self.loop is not None and self.future is not None:
+            future = self.future
+            self.loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_POLL: Final = 0.005  # seconds between looks while a commit waits for a stacked grant
+
+
+class _ConnectionLock:
+    """Who may use the isolated connection: one session transaction at a time.
+
+    Works across threads and event loops (a ``threading.Lock`` guards the state; async
+    waiters are woken with ``call_soon_threadsafe``). Grants are stacked: the holder of
+    the newest grant, and the tasks and threads its context was copied into, may stack
+    another (a nested SAVEPOINT); anyone else waits, first come first served.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._mutex = threading.Lock()
+        self._holders: list[tuple[object, object]] = []  # (key, token), oldest first
+        self._waiters: deque[_Waiter] = deque()
+
+    def acquire(self, key: object) -> None:
+        """Wait (blocking the thread) until ``key`` may use the connection."""
+        waiter = self._grant_or_queue(key, threading.Event())
+        if waiter.token is None:
+            assert waiter.event is not None
+            waiter.event.wait(self._timeout)
+            self._settle(waiter, None)
+        self._hold(waiter.token)
+
+    async def acquire_async(self, key: object) -> None:
+        """Wait (suspending the task) until ``key`` may use the connection."""
+        waiter = self._grant_or_queue(key, None)
+        if waiter.token is None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    assert waiter.future is not None
+                    await waiter.future
+            except BaseException as error:
+                self._settle(waiter, error)
+        self._hold(waiter.token)
+
+    def acquire_now(self, key: object) -> bool:
+        """Take the connection if it is free for this context; say whether it was."""
+        held = _HELD.get()
+        with self._mutex:
+            if not self._grantable(held):
+                return False
+            token = self._grant(key)
+        self._hold(token)
+        return True
+
+    def wait_on_top(self, key: object) -> None:
+        """Wait (blocking) until no grant stacked on ``key``'s is left."""
+        deadline = time.monotonic() + self._timeout
+        while not self._on_top(key):
+            if time.monotonic() > deadline:
+                raise self._stacked_error()
+            time.sleep(_POLL)
+
+    async def wait_on_top_async(self, key: object) -> None:
+        """Wait (suspending the task) until no grant stacked on ``key``'s is left."""
+        deadline = time.monotonic() + self._timeout
+        while not self._on_top(key):
+            if time.monotonic() > deadline:
+                raise self._stacked_error()
+            await asyncio.sleep(_POLL)
+
+    def _on_top(self, key: object) -> bool:
+        with self._mutex:
+            keys = [holder for holder, _token in self._holders]
+        return key not in keys or keys[-1] is key
+
+    def _stacked_error(self) -> TimeoutError:
+        return TimeoutError(
+            f"a transaction waited {self._timeout:g}s to commit for a session begun by a task "
+            "or thread it started, whose SAVEPOINT sits on top of its own; await that task "
+            "(or close its session) before committing"
+        )
+
+    def release(self, key: object) -> None:
+        """``key``'s transaction ended: hand the connection to the next waiter."""
+        with self._mutex:
+            for index, (holder, _token) in enumerate(self._holders):
+                if holder is key:
+                    del self._holders[index]
+                    break
+            else:
+                return
+            woken = self._next_waiter()
+        if woken is not None:
+            woken.wake()
+
+    # internals (the _locked ones run under the mutex) ------------------------------
+
+    def _grant_or_queue(self, key: object, event: threading.Event | None) -> _Waiter:
+        held = _HELD.get()
+        waiter = _Waiter(key, held, event=event)
+        with self._mutex:
+            if self._grantable(held):
+                waiter.token = self._grant(key)
+                return waiter
+            if event is None:
+                waiter.loop = asyncio.get_running_loop()
+                waiter.future = waiter.loop.create_future()
+            self._waiters.append(waiter)
+        return waiter
+
+    def _settle(self, waiter: _Waiter, error: BaseException | None) -> None:
+        """After a wait: keep a grant that arrived, or leave the queue and raise."""
+        with self._mutex:
+            if waiter.token is not None:
+                if error is None:
+                    return
+                granted = True  # cancelled just as it was granted: pass it on
+            else:
+                granted = False
+                self._waiters.remove(waiter)
+        if granted:
+            self.release(waiter.key)
+        if isinstance(error, asyncio.CancelledError):
+            raise error
+        raise TimeoutError(
+            f"a session waited {self._timeout:g}s for the test's isolated connection, which "
+            "another session's transaction holds: a session the test left open, or a task "
+            "that waits for this one while its own transaction is open; close sessions when "
+            "done (or raise lock_timeout)"
+        ) from error
+
+    def _grantable(self, held: tuple[object, ...]) -> bool:
+        return not self._holders or self._holders[-1][1] in held
+
+    def _grant(self, key: object) -> object:
+        token = object()
+        self._holders.append((key, token))
+        return token
+
+    def _next_waiter(self) -> _Waiter | None:
+        for waiter in self._waiters:
+            if self._grantable(waiter.held):
+                self._waiters.remove(waiter)
+                waiter.token = self._grant(waiter.key)
+                return waiter
+        return None
+
+    def _hold(self, token: object | None) -> None:
+        with self._mutex:
+            live = {token for _key, token in self._holders}
+        _HELD.set((*(t for t in _HELD.get() if t in live), token))
+
+
+# --- the async connection's own event loop ------------------------------------------
+
+
+class _HomeLoop:
+    """A thread running the event loop that owns the isolated async connection.
+
+    Drivers such as asyncpg tie a connection to the loop that opened it; the test's
+    loop may not be running while the app's (``TestClient``'s) runs, and may not even
+    exist (a sync test). This loop runs for the whole isolated block.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Event | None = None
+        self.thread_id: int | None = None
+        self._thread = threading.Thread(
+            target=self._serve, name="sessionforge-isolated", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coroutine`` in the home loop, blocking this (other) thread meanwhile."""
+        return self.submit(coroutine).result()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._done is not None:
+            self._loop.call_soon_threadsafe(self._done.set)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        # asyncio.Runner: closing it ends the loop's async generators, which disposes
+        # the factory's engine for this loop (loops.py).
+        with asyncio.Runner() as runner:
+            runner.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self.thread_id = threading.get_ident()
+        self._ready.set()
+        await self._done.wait()
+
+
+# The one reliance on SQLAlchemy internals outside _sqla.py (2.1.9): the asyncio
+# adapters (``AsyncAdapt_dbapi_connection``) keep the driver's connection in
+# ``_connection`` and call its coroutine methods from the caller's greenlet, i.e. in
+# the caller's event loop. Swapping in a bridge there makes each driver call run in
+# the home loop instead. Nothing else of the adapter changes; the swap is undone
+# before the connection is closed.
+def _bridge_driver(adapted: Any, home: _HomeLoop) -> None:
+    driver = adapted._connection
+    package = type(driver).__module__.partition(".")[0]
+    adapted._connection = _Bridge(driver, home, package)
+
+
+def _unbridge_driver(adapted: Any) -> None:
+    bridge = adapted._connection
+    if isinstance(bridge, _Bridge):
+        adapted._connection = bridge._target
+
+
+class _Bridge:
+    """A driver object whose calls run in the home loop, whatever loop awaits them.
+
+    Coroutines are awaited there (``run_coroutine_threadsafe``) and their results
+    bridged in turn when they are driver objects (prepared statements, cursors,
+    transactions); plain calls run there too, blocking the caller for the call.
+    """
+
+    __slots__ = ("_home", "_package", "_target")
+
+    def __init__(self, target: Any, home: _HomeLoop, package: str) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_home", home)
+        object.__setattr__(self, "_package", package)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return self._wrap(value)
+        home = self._home
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if inspect.iscoroutinefunction(value) or threading.get_ident() == home.thread_id:
+                result = value(*args, **kwargs)  # a coroutine does nothing until awaited
+            else:
+
+                async def in_home() -> Any:
+                    return value(*args, **kwargs)
+
+                result = home.run(in_home())
+            wrapped = self._wrap(result)
+            if wrapped is result and inspect.isawaitable(result):
+                return self._await(result)
+            return wrapped
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._target, name, value)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._await(self._target).__await__()
+
+    async def _await(self, awaitable: Any) -> Any:
+        home = self._home
+        if threading.get_ident() == home.thread_id:
+            return self._wrap(await awaitable)
+
+        async def in_home() -> Any:
+            return await awaitable
+
+        return self._wrap(await asyncio.wrap_future(home.submit(in_home())))
+
+    def _wrap(self, value: Any) -> Any:
+        kind = type(value)
+        if (kind.__module__ or "").partition(".")[0] == self._package and _is_stateful(kind):
+            return _Bridge(value, self._home, self._package)
+        return value
+
+
+_STATEFUL: dict[type, bool] = {}
+
+
+def _is_stateful(kind: type) -> bool:
+    """Whether ``kind`` has coroutine methods: a connection-bound driver object."""
+    stateful = _STATEFUL.get(kind)
+    if stateful is None:
+        stateful = _STATEFUL[kind] = any(
+            inspect.iscoroutinefunction(getattr(kind, name, None)) for name in dir(kind)
+        )
+    return stateful
