@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import random
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, event, text
 
 from sessionforge import SessionFactory
 
-from .conftest import FactoryMaker
+from .conftest import FactoryMaker, count_rows
+from .models import Models
 
 
 def sleep_sql(db: SessionFactory[Any], seconds: float) -> str:
@@ -48,8 +50,17 @@ async def assert_whole(db: SessionFactory[Any], application_name: str | None = N
     gc.collect()  # a leaked connection would warn here ("non-checked-in connection")
 
 
+def pool_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What SQLAlchemy's pool logged as errors ("Exception during reset or similar")."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("sqlalchemy.pool") and record.levelno >= logging.ERROR
+    ]
+
+
 async def test_cancellation_storm_leaves_the_pool_whole(
-    make_factory: FactoryMaker, db_url: str, prefix: str
+    make_factory: FactoryMaker, db_url: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """1,000 tasks over a pool of 5, half cancelled at random points."""
     application_name = f"{prefix}-storm"
@@ -89,7 +100,9 @@ async def test_cancellation_storm_leaves_the_pool_whole(
     for task in tasks:
         if rng.random() < 0.5:
             loop.call_later(rng.random() * 0.05, task.cancel)
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert pool_errors(caplog) == []  # no connection was returned half-reset
 
     outcomes = {type(result).__name__ for result in results if result is not None}
     assert outcomes <= {"CancelledError"}, outcomes  # nothing but cancellations
@@ -168,4 +181,43 @@ async def test_asyncio_timeout_and_taskgroup_work_normally(make_factory: Factory
             group.create_task(victim())
             group.create_task(fails())
     assert raised.group_contains(LookupError)
+    await assert_whole(db)
+
+
+@pytest.mark.parametrize("at", ["commit", "reset"])
+async def test_cancelled_while_the_block_ends_commits_and_closes_first(
+    at: str,
+    db: SessionFactory[Any],
+    models: Models,
+    outside: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cancellation arriving as the COMMIT goes out, or as the connection goes back to
+    the pool, waits for both; then it reaches the caller (as async_sessionmaker's does)."""
+    caller: asyncio.Task[None] | None = None
+
+    def cancel_caller(*_args: Any) -> None:
+        if caller is not None:
+            caller.cancel()
+
+    pool = db.engine.sync_engine.pool
+    target = db.engine.sync_engine if at == "commit" else pool
+    event.listen(target, at, cancel_caller)
+    invalidated: list[object] = []
+    event.listen(pool, "invalidate", lambda *args: invalidated.append(args))
+
+    async def write() -> None:
+        async with db.begin() as session:
+            session.add(models.Item(name="kept"))
+
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        caller = asyncio.create_task(write())
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        event.remove(target, at, cancel_caller)
+        assert db.status().checked_out == 0
+        assert count_rows(outside, models.Item.__tablename__) == 1
+        gc.collect()  # a session left holding its connection would be reported here
+    assert pool_errors(caplog) == []
+    assert invalidated == []  # the connection went back to the pool sound
     await assert_whole(db)

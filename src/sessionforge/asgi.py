@@ -22,7 +22,6 @@ background task, a streaming body or after the response raises ``SessionClosedEr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .cancellation import run_to_completion
+from .cancellation import end_and_close
 from .context import Deferred
 from .errors import (
     ConfigurationError,
@@ -126,18 +125,12 @@ class RequestSession(Deferred[_AS]):
         if session is None:
             return
         try:
-            if commit and session.in_transaction():
-                await asyncio.sleep(0)  # as in begin(): let other tasks' ready I/O run first
-                await session.commit()
-        finally:
             # close() rolls back whatever was not committed, also after a failed COMMIT.
-            try:
-                await session.close()
-            except asyncio.CancelledError:
-                await run_to_completion(session.close())
-                raise
-            finally:
-                retire(session, self._ended_message())
+            await end_and_close(
+                session, session.commit if commit and session.in_transaction() else None
+            )
+        finally:
+            retire(session, self._ended_message())
 
     async def abort(self) -> None:
         """Roll back and close for a request that failed: errors here are logged only."""

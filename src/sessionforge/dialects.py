@@ -236,6 +236,8 @@ def engine_kwargs(config: FactoryConfig, url: URL, *, is_async: bool) -> dict[st
     if is_sqlite(url):
         # Our pools hand a connection to one task or thread at a time.
         connect_args.setdefault("check_same_thread", False)
+        # The rollback on return is ours, and only when a transaction is open.
+        kwargs["pool_reset_on_return"] = None
     if connect_args:
         kwargs["connect_args"] = connect_args
     kwargs.update(config.engine_options)
@@ -277,8 +279,7 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
         _install_sqlite_pragmas(engine, config)
         install_sqlite_begin(engine, config.sqlite_begin, config.isolation_level)
         event.listen(engine, "handle_error", _keep_sqlite_connection_on_cancel)
-        event.listen(engine, "handle_error", _note_failed_sqlite_commit)
-        event.listen(engine, "reset", _end_sqlite_transaction_left_open)
+        event.listen(engine, "reset", _end_sqlite_transaction_on_return)
 
 
 def _keep_sqlite_connection_on_cancel(context: ExceptionContext) -> None:
@@ -297,29 +298,33 @@ def _keep_sqlite_connection_on_cancel(context: ExceptionContext) -> None:
         context.is_disconnect = False
 
 
-_ROLLBACK_ON_RETURN: Final = "sessionforge_rollback_on_return"
-
-
-def _note_failed_sqlite_commit(context: ExceptionContext) -> None:
-    """Remember that a COMMIT (or another statement-less operation) failed.
-
-    A COMMIT that SQLite refuses — a deferred foreign key, say — leaves SQLite's
-    transaction open, while SQLAlchemy counts the transaction as ended and so skips
-    the pool's rollback when the connection is returned (2.1:
-    ``RootTransaction._do_commit``, then ``Connection.close`` with
-    ``transaction_reset``). The connection would go back to the pool mid-transaction,
-    holding the write lock. Only ``begin()`` blocks escaped it, by rolling back
-    explicitly.
-    """
-    if context.statement is None and context.connection is not None:
-        context.connection.info[_ROLLBACK_ON_RETURN] = True
-
-
-def _end_sqlite_transaction_left_open(
-    dbapi_connection: Any, record: ConnectionPoolEntry, state: PoolResetState
+def _end_sqlite_transaction_on_return(
+    dbapi_connection: Any, _record: ConnectionPoolEntry, state: PoolResetState
 ) -> None:
-    if record.info.pop(_ROLLBACK_ON_RETURN, False) and state.asyncio_safe:
+    """Roll back a returned SQLite connection only if SQLite says a transaction is open.
+
+    Stands in for the pool's reset-on-return, switched off for SQLite engines
+    (``engine_kwargs``). SQLAlchemy 2.1 rolls back at every checkin unless the
+    ``Connection`` ended its transaction on the way out — which a committed session's
+    connection has not (the COMMIT cleared it first) — so with aiosqlite every
+    transaction paid one more worker-thread hop for a ROLLBACK of nothing, and a
+    cancellation landing in that hop made the pool log "Exception during reset" and
+    abandon the connection. SQLite's own flag (``sqlite3.Connection.in_transaction``)
+    is exact and free to read: it also catches the transaction a failed COMMIT leaves
+    open (a deferred foreign key, say), which SQLAlchemy counts as ended.
+    """
+    if state.asyncio_safe and _sqlite_in_transaction(dbapi_connection):
         dbapi_connection.rollback()
+
+
+def _sqlite_in_transaction(dbapi_connection: Any) -> bool:
+    # pysqlite's connection and our driver's adapter have the flag; SQLAlchemy's
+    # aiosqlite adapter does not pass it through, aiosqlite's connection does.
+    flag = getattr(dbapi_connection, "in_transaction", None)
+    if flag is None:
+        driver_connection = getattr(dbapi_connection, "driver_connection", None)
+        flag = getattr(driver_connection, "in_transaction", True)  # unknown: roll back
+    return bool(flag)
 
 
 def _install_sqlite_pragmas(engine: Engine, config: FactoryConfig) -> None:
