@@ -100,3 +100,28 @@ def test_suite_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "suite-sqlite.png").exists()
     assert set(latest(tmp_path)["scenarios"]) == {"factory"}
     assert (tmp_path / "out" / "results.md").exists()
+
+
+def test_calls_per_operation_are_counted_for_every_contender(tmp_path: Path) -> None:
+    result = tmp_path / "calls.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.bench_calls", "--url", "sqlite"),
+            *("--ops", "5", "--warmup", "2", "--json", str(result)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(result.read_text())
+    counts = {count["contender"]: count["calls_per_op"] for count in document["counts"]}
+    assert set(counts) == {
+        "sessionforge begin()",
+        "bare async_sessionmaker.begin()",
+        "sessionforge reader()",
+        "async_sessionmaker, AUTOCOMMIT engine",
+    }
+    assert all(calls > 100 for calls in counts.values())  # an ORM read is hundreds of calls
+    assert "bare async_sessionmaker.begin() *" in done.stdout
