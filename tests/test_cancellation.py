@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, text
+from sqlalchemy import exc as sa_exc
 
 from sessionforge import SessionFactory
 
@@ -220,4 +221,42 @@ async def test_cancelled_while_the_block_ends_commits_and_closes_first(
         gc.collect()  # a session left holding its connection would be reported here
     assert pool_errors(caplog) == []
     assert invalidated == []  # the connection went back to the pool sound
+    await assert_whole(db)
+
+
+@pytest.mark.parametrize("where", ["begin", "run_transaction"])
+async def test_a_cancellation_during_a_failing_commit_still_reaches_the_caller(
+    where: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    """The COMMIT fails (deferred foreign key) after the caller was cancelled: the caller
+    sees its cancellation, chained to the COMMIT's error, and nothing is retried."""
+    caller: asyncio.Task[None] | None = None
+    attempts = 0
+
+    def cancel_caller(*_args: Any) -> None:
+        if caller is not None and not caller.cancelling():
+            caller.cancel()
+
+    event.listen(db.engine.sync_engine, "commit", cancel_caller)
+
+    async def orphan(session: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        session.add(models.Child(id=1, parent_id=42))  # no such parent: COMMIT fails
+
+    async def run() -> None:
+        if where == "begin":
+            async with db.begin() as session:
+                await orphan(session)
+        else:
+            await db.run_transaction(orphan, retry_if=lambda _exc: True)
+
+    caller = asyncio.create_task(run())
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await caller
+    event.remove(db.engine.sync_engine, "commit", cancel_caller)
+    assert caller.cancelled()
+    assert isinstance(raised.value.__cause__, sa_exc.IntegrityError)
+    assert attempts == 1
+    assert count_rows(outside, models.child) == 0
     await assert_whole(db)

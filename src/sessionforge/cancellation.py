@@ -22,7 +22,14 @@ _T = TypeVar("_T")
 
 
 async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Await ``coro`` to its end even if the calling task is cancelled meanwhile."""
+    """Await ``coro`` to its end even if the calling task is cancelled meanwhile.
+
+    A cancellation received while waiting wins over the outcome: it is re-raised after
+    ``coro`` has ended, chained to ``coro``'s error if it failed (a COMMIT that a
+    deferred constraint refuses, say). Raising that error instead would swallow the
+    cancellation — ``task.cancelled()`` False, and ``run_transaction`` could even
+    retry — which is what SQLAlchemy 2.1's own ``_run_to_completion`` does.
+    """
     task = asyncio.ensure_future(coro)
     cancelled: asyncio.CancelledError | None = None
     while True:
@@ -32,6 +39,10 @@ async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
             if task.done():
                 raise  # the cleanup itself was cancelled or failed that way
             cancelled = error
+        except BaseException as error:
+            if cancelled is not None:
+                raise cancelled from error
+            raise
         else:
             break
     if cancelled is not None:
