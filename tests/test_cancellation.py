@@ -6,6 +6,8 @@ import asyncio
 import gc
 import logging
 import random
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,4 +261,52 @@ async def test_a_cancellation_during_a_failing_commit_still_reaches_the_caller(
     assert isinstance(raised.value.__cause__, sa_exc.IntegrityError)
     assert attempts == 1
     assert count_rows(outside, models.child) == 0
+    await assert_whole(db)
+
+
+async def test_a_writer_cancelled_while_its_begin_waits_leaves_no_lock_behind(
+    tmp_path: Path,
+) -> None:
+    """SQLite: cancelled twice while BEGIN IMMEDIATE waits for the write lock, the
+    writer's connection goes back to the pool before the BEGIN has returned; it must
+    not keep the transaction that BEGIN opens later (and with it the file's lock)."""
+    path = tmp_path / "lock.db"
+    db = SessionFactory(f"sqlite:///{path}", pool_size=2, max_overflow=0, sqlite_busy_timeout=2.0)
+    try:
+        await _cancel_a_waiting_writer(db, path)
+    finally:
+        await db.dispose()
+
+
+async def _cancel_a_waiting_writer(db: SessionFactory[Any], path: Path) -> None:
+    async with db.begin() as session:
+        await session.execute(text("CREATE TABLE lock_probe (x INTEGER)"))
+
+    async def holder() -> None:
+        async with db.begin() as session:
+            await session.execute(text("INSERT INTO lock_probe VALUES (1)"))
+            await asyncio.sleep(0.6)
+
+    async def writer() -> None:
+        async with db.begin() as session:
+            await session.execute(text("INSERT INTO lock_probe VALUES (2)"))
+
+    holding = asyncio.create_task(holder())
+    await asyncio.sleep(0.05)
+    writing = asyncio.create_task(writer())
+    await asyncio.sleep(0.15)  # its BEGIN IMMEDIATE waits in aiosqlite's thread
+    writing.cancel()
+    await asyncio.sleep(0.05)
+    writing.cancel()
+    await asyncio.gather(holding, writing, return_exceptions=True)
+    await asyncio.sleep(0.3)  # well past the holder's COMMIT: a late BEGIN has returned
+
+    outside = sqlite3.connect(path, timeout=0.5, isolation_level=None)
+    try:
+        outside.execute("INSERT INTO lock_probe VALUES (9)")  # "database is locked" if kept
+    finally:
+        outside.close()
+    for value in (3, 4):  # both pooled connections start transactions again
+        async with db.begin() as session:
+            await session.execute(text("INSERT INTO lock_probe VALUES (:x)"), {"x": value})
     await assert_whole(db)

@@ -279,7 +279,8 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
         _install_sqlite_pragmas(engine, config)
         install_sqlite_begin(engine, config.sqlite_begin, config.isolation_level)
         event.listen(engine, "handle_error", _keep_sqlite_connection_on_cancel)
-        event.listen(engine, "reset", _end_sqlite_transaction_on_return)
+        if "pool_reset_on_return" not in config.engine_options:  # else theirs, as given
+            event.listen(engine, "reset", _end_sqlite_transaction_on_return)
 
 
 def _keep_sqlite_connection_on_cancel(context: ExceptionContext) -> None:
@@ -296,10 +297,18 @@ def _keep_sqlite_connection_on_cancel(context: ExceptionContext) -> None:
     """
     if isinstance(context.original_exception, asyncio.CancelledError):
         context.is_disconnect = False
+        if context.connection is not None:
+            # The statement may still be running in the driver's thread (a BEGIN
+            # IMMEDIATE waiting for the lock, say): SQLite's in_transaction flag cannot
+            # be trusted until it ends, so roll back on return in any case.
+            context.connection.info[_ROLLBACK_ON_RETURN] = True
+
+
+_ROLLBACK_ON_RETURN: Final = "sessionforge_rollback_on_return"
 
 
 def _end_sqlite_transaction_on_return(
-    dbapi_connection: Any, _record: ConnectionPoolEntry, state: PoolResetState
+    dbapi_connection: Any, record: ConnectionPoolEntry, state: PoolResetState
 ) -> None:
     """Roll back a returned SQLite connection only if SQLite says a transaction is open.
 
@@ -310,11 +319,17 @@ def _end_sqlite_transaction_on_return(
     transaction paid one more worker-thread hop for a ROLLBACK of nothing, and a
     cancellation landing in that hop made the pool log "Exception during reset" and
     abandon the connection. SQLite's own flag (``sqlite3.Connection.in_transaction``)
-    is exact and free to read: it also catches the transaction a failed COMMIT leaves
-    open (a deferred foreign key, say), which SQLAlchemy counts as ended.
+    is exact and free to read on an idle connection: it also catches the transaction a
+    failed COMMIT leaves open (a deferred foreign key, say), which SQLAlchemy counts as
+    ended. The flag is
+    read only when no statement can still be running in the driver's thread: after a
+    cancellation it is not trusted (``_keep_sqlite_connection_on_cancel``), and the
+    ROLLBACK then waits behind the interrupted statement.
     """
-    if state.asyncio_safe and _sqlite_in_transaction(dbapi_connection):
-        dbapi_connection.rollback()
+    if not state.asyncio_safe:
+        return
+    if record.info.pop(_ROLLBACK_ON_RETURN, False) or _sqlite_in_transaction(dbapi_connection):
+        dbapi_connection.rollback()  # queued behind a statement still running, if any
 
 
 def _sqlite_in_transaction(dbapi_connection: Any) -> bool:
