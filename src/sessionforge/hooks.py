@@ -8,6 +8,11 @@ on-commit hooks run in registration order, right after COMMIT and before ``commi
 returns; async hooks are awaited there (in the session's greenlet). A hook that raises
 does not undo anything: the error is logged on the ``sessionforge.hooks`` logger,
 recorded in ``hook_errors(session)``, and the remaining hooks run.
+
+At the end of ``begin()`` (and of a request) the COMMIT, and so the hooks, run in a task
+of its own that a cancellation does not interrupt (``cancellation.end_and_close``): a
+hook that hangs delays the caller's cancellation, and a hook's ``ContextVar`` changes
+stay in that task's copy of the context.
 """
 
 from __future__ import annotations
