@@ -35,7 +35,10 @@ async def test_second_task_gets_concurrent_session_use_error(
         with pytest.raises(ConcurrentSessionUseError) as raised:
             await asyncio.create_task(second(), name="second-task")
         message = str(raised.value)
-        assert message.startswith("second-task called session.execute() while first-task")
+        assert message.startswith(
+            "second-task (test_second_task_gets_concurrent_session_use_error.<locals>.second) "
+            "called session.execute() while first-task ("
+        )
         assert "one task at a time" in message
         assert "db.scope() per task" in message
         assert isinstance(raised.value, RuntimeError)

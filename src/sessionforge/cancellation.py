@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["end_and_close", "run_to_completion"]
+__all__ = ["end_and_close", "ending_the_transaction", "run_to_completion"]
 
 _T = TypeVar("_T")
 
@@ -62,12 +62,15 @@ async def end_and_close(
     task is also one pass of the event loop before the COMMIT, which lets other tasks'
     ready I/O run first: measured +3-4 % throughput with 10 tasks on PostgreSQL.
     """
+    await run_to_completion(ending_the_transaction(session, end))
 
-    async def run() -> None:
-        try:
-            if end is not None:
-                await end()
-        finally:
-            await session.close()
 
-    await run_to_completion(run())
+async def ending_the_transaction(
+    session: AsyncSession, end: Callable[[], Awaitable[object]] | None
+) -> None:
+    """The task ``end_and_close`` runs (its name shows in ``ConcurrentSessionUseError``)."""
+    try:
+        if end is not None:
+            await end()
+    finally:
+        await session.close()

@@ -173,10 +173,10 @@ def _refused_when_retired(name: str, method: Callable[..., Any]) -> Callable[...
 
 def _concurrent_message(name: str, holder: asyncio.Task[Any], task: asyncio.Task[Any]) -> str:
     return (
-        f"{task.get_name()} called session.{name}() while {holder.get_name()} "
-        f"({_coroutine_name(holder)}) is still using this session; an AsyncSession serves "
-        "one task at a time: give each task its own session (db() or db.scope() per task), "
-        "or await the first call before the next"
+        f"{task.get_name()} ({_coroutine_name(task)}) called session.{name}() while "
+        f"{holder.get_name()} ({_coroutine_name(holder)}) is still using this session; "
+        "an AsyncSession serves one task at a time: give each task its own session (db() "
+        "or db.scope() per task), or await the first call before the next"
     )
 
 
