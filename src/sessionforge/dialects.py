@@ -321,10 +321,9 @@ def _end_sqlite_transaction_on_return(
     abandon the connection. SQLite's own flag (``sqlite3.Connection.in_transaction``)
     is exact and free to read on an idle connection: it also catches the transaction a
     failed COMMIT leaves open (a deferred foreign key, say), which SQLAlchemy counts as
-    ended. The flag is
-    read only when no statement can still be running in the driver's thread: after a
-    cancellation it is not trusted (``_keep_sqlite_connection_on_cancel``), and the
-    ROLLBACK then waits behind the interrupted statement.
+    ended. After a cancellation a statement may still be running in the driver's
+    thread, so the flag is not trusted (``_keep_sqlite_connection_on_cancel`` marks the
+    connection) and the ROLLBACK waits behind the interrupted statement.
     """
     if not state.asyncio_safe:
         return
