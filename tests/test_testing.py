@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -468,4 +469,330 @@ async def test_timeout_expiring_mid_statement_leaves_the_test_usable(
         async with db.begin() as session:
             session.add(models.Item(name="after"))
         assert await async_names(db, models) == ["after", "before"]
+    assert_clean(db, models, outside)
+
+
+# --- sessions that outlive the block ----------------------------------------------------
+
+ENDED = r"isolated\(\) block ended while this session was still open"
+WAITING = r"isolated\(\) block ended while this session was waiting for its turn"
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_a_session_left_open_at_exit_is_reported_and_refused_afterwards(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # The exit rolls everything back at once and warns; the forgotten session, used
+    # again, says why it cannot work instead of a SQLAlchemy error about SAVEPOINTs.
+    if twin == "async":
+        with pytest.warns(RuntimeWarning, match=r"1 session was still open"):
+            async with isolated(db):
+                left = db()
+                left.add(models.Item(name="left"))
+                await left.flush()
+        assert_clean(db, models, outside)
+        with pytest.raises(sessionforge.SessionClosedError, match=ENDED):
+            await left.execute(select(models.Item.name))
+        with pytest.raises(sessionforge.SessionClosedError, match=ENDED):
+            await left.commit()
+        await left.rollback()  # quiet, as is close()
+        await left.close()
+    else:
+        sdb = db.sync
+
+        def scenario() -> None:
+            with pytest.warns(RuntimeWarning, match=r"1 session was still open"):
+                with isolated(sdb):
+                    left = sdb()
+                    left.add(models.Item(name="left"))
+                    left.flush()
+            with pytest.raises(sessionforge.SessionClosedError, match=ENDED):
+                left.execute(select(models.Item.name))
+            with pytest.raises(sessionforge.SessionClosedError, match=ENDED):
+                left.commit()
+            left.rollback()
+            left.close()
+
+        await asyncio.to_thread(scenario)
+    assert_clean(db, models, outside)
+    assert db.status().sessions_open == 0
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_a_closed_session_used_after_the_block_is_refused(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # Nothing was open at exit, so no warning; the session is still bound to the
+    # connection of the block, which is gone.
+    if twin == "async":
+        async with isolated(db):
+            async with db.begin() as session:
+                session.add(models.Item(name="a"))
+        with pytest.raises(sessionforge.SessionClosedError, match="isolated"):
+            await session.execute(select(models.Item.name))
+        await session.close()
+    else:
+        sdb = db.sync
+
+        def scenario() -> None:
+            with isolated(sdb):
+                with sdb.begin() as session:
+                    session.add(models.Item(name="a"))
+            with pytest.raises(sessionforge.SessionClosedError, match="isolated"):
+                session.execute(select(models.Item.name))
+            session.close()
+
+        await asyncio.to_thread(scenario)
+    assert_clean(db, models, outside)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param("commits", id="commits-later"),
+        pytest.param("raises", id="raises-later"),
+        pytest.param("cancelled", id="cancelled-later"),
+    ],
+)
+async def test_a_task_still_in_a_transaction_at_exit_fails_clearly_later(
+    ending: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    flushed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def app_task() -> None:
+        async with db.begin() as session, session.begin_nested():  # a SAVEPOINT of its own
+            session.add(models.Item(name="late"))
+            await session.flush()
+            flushed.set()
+            await go_on.wait()
+            if ending == "raises":
+                raise KeyError("app error")
+            session.add(models.Item(name="later"))
+
+    with pytest.warns(RuntimeWarning, match=r"1 session was still open"):
+        async with isolated(db):
+            task = asyncio.create_task(app_task())
+            await flushed.wait()
+    assert_clean(db, models, outside)
+    if ending == "cancelled":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        go_on.set()
+        expected = sessionforge.SessionClosedError if ending == "commits" else KeyError
+        with pytest.raises(expected, match=ENDED if ending == "commits" else "app error"):
+            await task
+    # The session was closed on the way out, quietly (warnings are errors here).
+    assert db.status().sessions_open == 0
+    assert_clean(db, models, outside)
+
+
+async def test_a_thread_still_in_a_transaction_at_exit_fails_clearly_later(
+    db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    sdb = db.sync
+    flushed, go_on = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def app_thread() -> None:
+        try:
+            with sdb.begin() as session:
+                session.add(models.Item(name="late"))
+                session.flush()
+                flushed.set()
+                go_on.wait(10)
+                session.add(models.Item(name="later"))
+        except BaseException as error:
+            errors.append(error)
+
+    def scenario() -> None:
+        thread = threading.Thread(target=app_thread)
+        with pytest.warns(RuntimeWarning, match=r"1 session was still open"):
+            with isolated(sdb):
+                thread.start()
+                flushed.wait(10)
+        go_on.set()
+        thread.join()
+
+    await asyncio.to_thread(scenario)
+    assert len(errors) == 1
+    assert isinstance(errors[0], sessionforge.SessionClosedError)
+    assert "await the tasks" in str(errors[0])
+    assert db.status().sessions_open == 0
+    assert_clean(db, models, outside)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_sessions_waiting_for_the_connection_at_exit_are_woken_at_once(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # The waiter would otherwise sit out its whole lock_timeout (30 s).
+    waited: list[float] = []
+
+    async def async_waiter() -> None:
+        started = time.monotonic()
+        try:
+            async with db.begin() as session:
+                session.add(models.Item(name="waiter"))
+        finally:
+            waited.append(time.monotonic() - started)
+
+    def sync_waiter() -> None:
+        started = time.monotonic()
+        try:
+            with db.sync.begin() as session:
+                session.add(models.Item(name="waiter"))
+                session.flush()
+        finally:
+            waited.append(time.monotonic() - started)
+
+    if twin == "async":
+        with pytest.warns(RuntimeWarning, match=r"2 sessions were still open"):
+            async with isolated(db, lock_timeout=30):
+                holder = db()
+                await holder.execute(text("SELECT 1"))
+                task = asyncio.create_task(async_waiter(), context=contextvars.Context())
+                await asyncio.sleep(0.2)
+                assert not task.done()
+        with pytest.raises(sessionforge.SessionClosedError, match=WAITING):
+            await task
+        await holder.close()
+    else:
+        sdb = db.sync
+
+        def scenario() -> None:
+            outcome: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    sync_waiter()
+                except BaseException as error:
+                    outcome.append(error)
+
+            thread = threading.Thread(target=run)
+            with pytest.warns(RuntimeWarning, match=r"2 sessions were still open"):
+                with isolated(sdb, lock_timeout=30):
+                    holder = sdb()
+                    holder.execute(text("SELECT 1"))
+                    thread.start()
+                    time.sleep(0.2)
+                    assert thread.is_alive()
+            thread.join(10)
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], sessionforge.SessionClosedError)
+            assert "waiting for its turn" in str(outcome[0])
+            holder.close()
+
+        await asyncio.to_thread(scenario)
+    assert len(waited) == 1
+    assert waited[0] < 5
+    assert db.status().sessions_open == 0
+    assert_clean(db, models, outside)
+
+
+async def test_no_leftover_warning_when_the_block_raises(
+    db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # The test's own failure is what matters; a session it left open is most likely a
+    # consequence (warnings are errors here, so a warning would fail this test).
+    with pytest.raises(KeyError):
+        async with isolated(db):
+            left = db()
+            await left.execute(text("SELECT 1"))
+            raise KeyError
+    await left.close()
+    assert_clean(db, models, outside)
+
+
+# --- a holder that can never release ---------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_a_garbage_collected_holder_fails_the_next_session_at_once(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # An endpoint that never closed its session: once the session is garbage, nothing
+    # can end its transaction, so waiting out lock_timeout (30 s) would only hide it.
+    async def leaky_request() -> None:
+        session = db()
+        await session.execute(text("SELECT 1"))
+
+    def leaky_sync_request() -> None:
+        session = db.sync()
+        session.execute(text("SELECT 1"))
+
+    started = time.monotonic()
+    if twin == "async":
+        async with isolated(db, lock_timeout=30):
+            await asyncio.create_task(leaky_request(), context=contextvars.Context())
+            with pytest.raises(TimeoutError, match="garbage-collected"):
+                async with db.begin() as session:
+                    session.add(models.Item(name="next"))
+    else:
+        sdb = db.sync
+
+        def scenario() -> None:
+            with isolated(sdb, lock_timeout=30):
+                thread = threading.Thread(target=leaky_sync_request)
+                thread.start()
+                thread.join()
+                with pytest.raises(TimeoutError, match="garbage-collected"), sdb.begin() as s:
+                    s.add(models.Item(name="next"))
+                    s.flush()
+
+        await asyncio.to_thread(scenario)
+    assert time.monotonic() - started < 10
+    assert_clean(db, models, outside)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_a_slow_holder_is_still_waited_for(
+    twin: str, db: SessionFactory[Any], models: Models, outside: Engine
+) -> None:
+    # Longer than the interval at which a waiter looks for a garbage-collected holder.
+    if twin == "async":
+        async with isolated(db, lock_timeout=30):
+            holding = asyncio.Event()
+
+            async def slow() -> None:
+                async with db.begin() as session:
+                    session.add(models.Item(name="slow"))
+                    await session.flush()
+                    holding.set()
+                    await asyncio.sleep(1.5)
+
+            async def waiter() -> None:
+                await holding.wait()
+                async with db.begin() as session:
+                    session.add(models.Item(name="waiter"))
+
+            await asyncio.gather(
+                asyncio.create_task(slow(), context=contextvars.Context()),
+                asyncio.create_task(waiter(), context=contextvars.Context()),
+            )
+            assert await async_names(db, models) == ["slow", "waiter"]
+    else:
+        sdb = db.sync
+
+        def scenario() -> list[str]:
+            holding = threading.Event()
+
+            def slow() -> None:
+                with sdb.begin() as session:
+                    session.add(models.Item(name="slow"))
+                    session.flush()
+                    holding.set()
+                    time.sleep(1.5)
+
+            with isolated(sdb, lock_timeout=30):
+                thread = threading.Thread(target=slow)
+                thread.start()
+                holding.wait(10)
+                with sdb.begin() as session:
+                    session.add(models.Item(name="waiter"))
+                thread.join()
+                return names(db, models)
+
+        assert await asyncio.to_thread(scenario) == ["slow", "waiter"]
     assert_clean(db, models, outside)

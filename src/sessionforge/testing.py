@@ -18,7 +18,16 @@ the test did stays in the database::
 
 One connection serves one session transaction at a time: a session that begins a
 transaction while another session's is open waits for it to end (sessions begun by
-the task or thread holding the connection, or by tasks it started, nest instead).
+the task or thread holding the connection, or by tasks it started, nest instead). A
+wait that can never end — the holder was garbage-collected without being closed —
+fails at once rather than after ``lock_timeout``.
+
+The block ends at once even if sessions are still open in it (a task still running,
+a session never closed): their work is rolled back with the rest, sessions waiting
+for the connection are woken with ``SessionClosedError``, every session made in the
+block refuses further work with ``SessionClosedError`` saying why (closing and rolling
+back stay quiet), and a ``RuntimeWarning`` counts the sessions left open — unless the
+block is ending with an exception of its own.
 
 The async twin's connection lives in an event loop of its own, on a thread of its own;
 the driver's I/O is handed to that loop, so sessions in any loop — the test's, or the
@@ -29,11 +38,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import gc
 import inspect
 import threading
 import time
+import warnings
+import weakref
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,7 +60,7 @@ from sqlalchemy.util import await_
 
 from ._sqla import in_greenlet
 from .core import FactoryCore, IsolatedConnection
-from .errors import ConfigurationError
+from .errors import ConfigurationError, SessionClosedError
 from .factory import SessionFactory
 from .hooks import CAPTURE_KEY, Hook
 from .sync import SyncSessionFactory
@@ -89,6 +102,10 @@ def isolated(
     ``run_hooks()`` runs them. ``run_hooks=True`` runs them at each commit instead, as
     outside the test. ``lock_timeout`` bounds the wait of a session for the connection
     (a session left open by the test would otherwise hang the next one).
+
+    Leave the block after the sessions made in it are closed and the tasks and threads
+    using them are done: sessions still open are rolled back with the test, refuse any
+    later use with ``SessionClosedError``, and are counted in a ``RuntimeWarning``.
     """
     if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float):
         raise ConfigurationError(f"lock_timeout={lock_timeout!r} is invalid: expected seconds")
@@ -117,6 +134,8 @@ class _Isolation:
         #: Transactions begun outside a greenlet while the connection was taken: they
         #: take their turn at their first statement or flush.
         self._pending: set[SessionTransaction] = set()
+        #: Sessions that used the connection: they are retired when the block ends.
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         #: On-commit hooks of sessions that committed, not run yet, oldest first.
         self.hooks: list[Hook] = []
 
@@ -173,6 +192,7 @@ class _Isolation:
 
     def _transaction_created(self, session: Session, transaction: SessionTransaction) -> None:
         if transaction.parent is None and session.bind is self._bound and self._bound is not None:
+            self._sessions.add(session)
             self._acquire(transaction)
 
     def _transaction_ended(self, session: Session, transaction: SessionTransaction) -> None:
@@ -199,11 +219,102 @@ class _Isolation:
         if root is not None and session.bind is self._bound:
             self._wait_on_top(root)
 
+    # leaving --------------------------------------------------------------------------
+
+    def _stop(self) -> int:
+        """No more turns on the connection; return how many sessions are still open in it.
+
+        Sessions queued for the connection are woken with ``SessionClosedError``.
+        """
+        left_open = sum(1 for session in list(self._sessions) if session.in_transaction())
+        self._lock.close()
+        return left_open
+
+    def _retire_sessions(self) -> None:
+        """Make the block's sessions refuse further work (the connection has been closed).
+
+        Their owners may still be using them, in other tasks or threads, so nothing is
+        done to them here: they refuse at their next statement, flush or commit, in
+        their own task. A rollback would make SQLAlchemy warn that the SAVEPOINT
+        "already deassociated from connection" (the outer rollback ended it), so it
+        closes the session instead, which is quiet and runs the after-rollback hooks
+        in the owner's task as a rollback would. (SQLAlchemy internals, 2.1.9: the
+        ``SessionTransaction.rollback`` that ``begin()``'s exit calls is looked up on
+        the instance, so an instance attribute replaces it.)
+        """
+        for session in list(self._sessions):
+            transaction = session.get_nested_transaction() or session.get_transaction()
+            _refuse_from_now_on(session, _LEFT_OPEN if transaction is not None else _USED_AFTER)
+            while transaction is not None:
+                transaction.rollback = _closer(session)  # type: ignore[method-assign]
+                transaction = transaction.parent
+        self._sessions.clear()
+
     def _acquire(self, transaction: SessionTransaction) -> None:
         raise NotImplementedError
 
     def _wait_on_top(self, transaction: SessionTransaction) -> None:
         raise NotImplementedError
+
+
+_LEFT_OPEN: Final = (
+    "the test's isolated() block ended while this session was still open, so what it did "
+    "was rolled back with the test"
+)
+_USED_AFTER: Final = (
+    "this session was made in a test's isolated() block, which has ended (and its "
+    "connection with it)"
+)
+_WHAT_TO_DO: Final = (
+    "; close sessions, and await the tasks (join the threads) that use them, before the "
+    "isolated() block ends"
+)
+
+
+def _refuse_from_now_on(session: Session, reason: str) -> None:
+    """Have ``session`` raise ``SessionClosedError`` saying ``reason`` when used again."""
+
+    def refused(what: str) -> SessionClosedError:
+        return SessionClosedError(f"{what} refused: {reason}{_WHAT_TO_DO}")
+
+    def on_execute(_state: ORMExecuteState) -> None:
+        raise refused("a statement")
+
+    def on_flush(_session: Session, _context: object, _instances: object) -> None:
+        raise refused("session.flush()")
+
+    def on_commit(_session: Session) -> None:
+        raise refused("session.commit()")
+
+    # Listeners of this session only: the factory's other sessions pay nothing.
+    event.listen(session, "do_orm_execute", on_execute)
+    event.listen(session, "before_flush", on_flush)
+    event.listen(session, "before_commit", on_commit)
+
+
+def _closer(session: Session) -> Callable[..., None]:
+    def close(*_args: object, **_kwargs: object) -> None:
+        session.close()
+
+    return close
+
+
+def _warn_left_open(count: int, exc: BaseException | None) -> None:
+    """Report the sessions a block left open, unless it is failing for its own reason.
+
+    A ``RuntimeWarning``, not a ``ResourceWarning``: pytest shows it (Python hides
+    ``ResourceWarning`` by default), and under ``-W error`` the test fails — after the
+    block has cleaned up, and never in place of the test's own exception.
+    """
+    if count and exc is None:
+        sessions = "1 session was" if count == 1 else f"{count} sessions were"
+        warnings.warn(
+            f"{sessions} still open when the isolated() block ended; their work was rolled "
+            "back with the test's and they now raise SessionClosedError. Close sessions, and "
+            "await the tasks (join the threads) that use them, before the block ends",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class AsyncIsolation(_Isolation, Generic[_AS]):
@@ -292,7 +403,7 @@ class AsyncIsolation(_Isolation, Generic[_AS]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
+        _warn_left_open(await asyncio.to_thread(self._leave), exc)
 
     def __enter__(self) -> Self:
         """Enter from sync code (a sync test, a pytest fixture); the app may be async."""
@@ -314,9 +425,13 @@ class AsyncIsolation(_Isolation, Generic[_AS]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _warn_left_open(self._leave(), exc)
+
+    def _leave(self) -> int:
         home, connection = self._home, self._connection
         if home is None or connection is None:
-            return
+            return 0
+        left_open = self._stop()
         try:
             self._unroute()
         finally:
@@ -325,6 +440,8 @@ class AsyncIsolation(_Isolation, Generic[_AS]):
             finally:
                 home.stop()
             self._home = self._connection = None
+            self._retire_sessions()
+        return left_open
 
     def _check_free(self) -> None:
         if self._home is not None:
@@ -397,10 +514,14 @@ class SyncIsolation(_Isolation, Generic[_S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _warn_left_open(self._leave(), exc)
+
+    def _leave(self) -> int:
         connection = self._connection
         if connection is None:
-            return
+            return 0
         self._connection = None
+        left_open = self._stop()
         try:
             self._unroute()
         finally:
@@ -409,6 +530,8 @@ class SyncIsolation(_Isolation, Generic[_S]):
                     connection.rollback()
             finally:
                 connection.close()
+                self._retire_sessions()
+        return left_open
 
     def _acquire(self, transaction: SessionTransaction) -> None:
         self._lock.acquire(transaction)
@@ -448,6 +571,9 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 _POLL: Final = 0.005  # seconds between looks while a commit waits for a stacked grant
+#: Seconds between a waiter's looks for a holder that was garbage-collected (the first
+#: look runs the collector: a leaked session sits in a reference cycle).
+_CHECK: Final = 1.0
 
 
 class _ConnectionLock:
@@ -457,20 +583,31 @@ class _ConnectionLock:
     waiters are woken with ``call_soon_threadsafe``). Grants are stacked: the holder of
     the newest grant, and the tasks and threads its context was copied into, may stack
     another (a nested SAVEPOINT); anyone else waits, first come first served.
+
+    Holders are held weakly: a session garbage-collected in its transaction can never
+    release its grant, and a waiter that finds one fails at once instead of waiting out
+    the timeout. A holder that is merely slow is alive, and is waited for.
     """
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._mutex = threading.Lock()
-        self._holders: list[tuple[object, object]] = []  # (key, token), oldest first
+        # (key, token), oldest first
+        self._holders: list[tuple[weakref.ref[object], object]] = []
         self._waiters: deque[_Waiter] = deque()
+        self._closed = False  # the isolated block has ended
 
     def acquire(self, key: object) -> None:
         """Wait (blocking the thread) until ``key`` may use the connection."""
         waiter = self._grant_or_queue(key, threading.Event())
         if waiter.token is None:
             assert waiter.event is not None
-            waiter.event.wait(self._timeout)
+            deadline = time.monotonic() + self._timeout
+            collect = True
+            while not waiter.event.wait(min(_CHECK, max(deadline - time.monotonic(), 0))):
+                if time.monotonic() >= deadline or self._hopeless(waiter, collect):
+                    break
+                collect = False
             self._settle(waiter, None)
         self._hold(waiter.token)
 
@@ -478,18 +615,25 @@ class _ConnectionLock:
         """Wait (suspending the task) until ``key`` may use the connection."""
         waiter = self._grant_or_queue(key, None)
         if waiter.token is None:
+            assert waiter.future is not None
+            deadline = time.monotonic() + self._timeout
+            collect = True
             try:
-                async with asyncio.timeout(self._timeout):
-                    assert waiter.future is not None
-                    await waiter.future
+                while (remaining := deadline - time.monotonic()) > 0:
+                    await asyncio.wait((waiter.future,), timeout=min(_CHECK, remaining))
+                    if waiter.future.done() or self._hopeless(waiter, collect):
+                        break
+                    collect = False
             except BaseException as error:
                 self._settle(waiter, error)
+            self._settle(waiter, None)
         self._hold(waiter.token)
 
     def acquire_now(self, key: object) -> bool:
         """Take the connection if it is free for this context; say whether it was."""
         held = _HELD.get()
         with self._mutex:
+            self._check_open()
             if not self._grantable(held):
                 return False
             token = self._grant(key)
@@ -514,7 +658,9 @@ class _ConnectionLock:
 
     def _on_top(self, key: object) -> bool:
         with self._mutex:
-            keys = [holder for holder, _token in self._holders]
+            if self._closed:
+                return True  # nothing to wait for: the commit is refused on its own
+            keys = [holder() for holder, _token in self._holders]
         return key not in keys or keys[-1] is key
 
     def _stacked_error(self) -> TimeoutError:
@@ -528,7 +674,7 @@ class _ConnectionLock:
         """``key``'s transaction ended: hand the connection to the next waiter."""
         with self._mutex:
             for index, (holder, _token) in enumerate(self._holders):
-                if holder is key:
+                if holder() is key:
                     del self._holders[index]
                     break
             else:
@@ -537,12 +683,45 @@ class _ConnectionLock:
         if woken is not None:
             woken.wake()
 
+    def close(self) -> None:
+        """The isolated block ends: wake every waiter, refuse every later request."""
+        with self._mutex:
+            self._closed = True
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
+                waiter.wake()
+
     # internals (the _locked ones run under the mutex) ------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError(
+                "the test's isolated() block ended while this session was waiting for its turn "
+                f"on the connection{_WHAT_TO_DO}"
+            )
+
+    def _hopeless(self, waiter: _Waiter, collect: bool) -> bool:
+        """Whether a holder ahead of ``waiter`` was garbage-collected (so never releases)."""
+        if collect:
+            with self._mutex:
+                alive = all(holder() is not None for holder, _token in self._holders)
+            if alive:
+                gc.collect()  # a leaked session and its transaction form a cycle
+        with self._mutex:
+            return self._dead_ahead_locked(waiter)
+
+    def _dead_ahead_locked(self, waiter: _Waiter) -> bool:
+        return any(
+            holder() is None and token not in waiter.held for holder, token in self._holders
+        )
 
     def _grant_or_queue(self, key: object, event: threading.Event | None) -> _Waiter:
         held = _HELD.get()
         waiter = _Waiter(key, held, event=event)
         with self._mutex:
+            self._check_open()
             if self._grantable(held):
                 waiter.token = self._grant(key)
                 return waiter
@@ -561,11 +740,23 @@ class _ConnectionLock:
                 granted = True  # cancelled just as it was granted: pass it on
             else:
                 granted = False
-                self._waiters.remove(waiter)
+                if waiter in self._waiters:  # not if woken by close()
+                    self._waiters.remove(waiter)
+            hopeless = self._dead_ahead_locked(waiter)
         if granted:
             self.release(waiter.key)
         if isinstance(error, asyncio.CancelledError):
             raise error
+        self._check_open()
+        if hopeless:
+            raise TimeoutError(
+                "a session would wait forever for the test's isolated connection: the session "
+                "holding it was garbage-collected without being closed, so its transaction "
+                "can never end; close every session (`async with db() as session`, "
+                "`async with db.begin()`, `await session.close()`), also in app code — "
+                "track_session_origin=True makes the leak's ResourceWarning say where it "
+                "was made"
+            ) from error
         raise TimeoutError(
             f"a session waited {self._timeout:g}s for the test's isolated connection, which "
             "another session's transaction holds: a session the test left open, or a task "
@@ -578,7 +769,7 @@ class _ConnectionLock:
 
     def _grant(self, key: object) -> object:
         token = object()
-        self._holders.append((key, token))
+        self._holders.append((weakref.ref(key), token))
         return token
 
     def _next_waiter(self) -> _Waiter | None:
