@@ -796,3 +796,30 @@ async def test_a_slow_holder_is_still_waited_for(
 
         assert await asyncio.to_thread(scenario) == ["slow", "waiter"]
     assert_clean(db, models, outside)
+
+
+async def test_a_turn_granted_just_as_the_block_ends_is_refused() -> None:
+    """The holder's transaction ends at the moment the block exits: the session waiting
+    for its turn must not go on to use the connection being closed."""
+    from sessionforge.testing import _ConnectionLock  # the race is only reachable here
+
+    class Transaction:  # stands for a SessionTransaction (weakly referenced)
+        pass
+
+    lock = _ConnectionLock(5)
+    holder, waiter = Transaction(), Transaction()
+    held = threading.Thread(target=lock.acquire, args=(holder,))
+    held.start()  # a context of its own, as another thread's session would have
+    held.join()
+    waiting = asyncio.create_task(lock.acquire_async(waiter))
+    await asyncio.sleep(0.1)
+
+    def end_of_block() -> None:
+        lock.release(holder)  # grants the turn to the waiter...
+        lock.close()  # ...as the block ends, before the waiter has resumed
+
+    end_of_block()  # on this loop's thread: the waiter cannot resume in between
+    with pytest.raises(
+        sessionforge.SessionClosedError, match="ended while this session was waiting"
+    ):
+        await waiting

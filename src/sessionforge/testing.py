@@ -27,7 +27,8 @@ a session never closed): their work is rolled back with the rest, sessions waiti
 for the connection are woken with ``SessionClosedError``, every session made in the
 block refuses further work with ``SessionClosedError`` saying why (closing and rolling
 back stay quiet), and a ``RuntimeWarning`` counts the sessions left open — unless the
-block is ending with an exception of its own.
+block is ending with an exception of its own. (A statement still running in another
+task at that moment can make the exit itself fail with the driver's error.)
 
 The async twin's connection lives in an event loop of its own, on a thread of its own;
 the driver's I/O is handed to that loop, so sessions in any loop — the test's, or the
@@ -735,9 +736,10 @@ class _ConnectionLock:
         """After a wait: keep a grant that arrived, or leave the queue and raise."""
         with self._mutex:
             if waiter.token is not None:
-                if error is None:
+                if error is None and not self._closed:
                     return
-                granted = True  # cancelled just as it was granted: pass it on
+                # Cancelled, or the block ended, just as it was granted: pass it on.
+                granted = True
             else:
                 granted = False
                 if waiter in self._waiters:  # not if woken by close()
