@@ -105,10 +105,7 @@ def test_default_sqlite_driver_is_still_aiosqlite() -> None:
     assert FactoryConfig.from_url("sqlite:///app.db").url.drivername == "sqlite+aiosqlite"
 
 
-async def test_sync_twin_sees_the_async_writes(make_factory: FactoryMaker, models: Models) -> None:
-    db = make_factory()
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
+async def test_sync_twin_sees_the_async_writes(db: SessionFactory[Any], models: Models) -> None:
     async with db.begin() as session:
         session.add(models.Item(name="from async"))
     with db.sync.begin() as sync_session:
@@ -118,11 +115,8 @@ async def test_sync_twin_sees_the_async_writes(make_factory: FactoryMaker, model
 # --- DBAPI results ----------------------------------------------------------------
 
 
-async def test_rowcount_and_lastrowid(make_factory: FactoryMaker, models: Models) -> None:
-    db = make_factory()
+async def test_rowcount_and_lastrowid(db: SessionFactory[Any], models: Models) -> None:
     table = models.Item.__table__
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
     async with db.begin() as session:
         first = await session.execute(insert(table).values(name="a"))
         second = await session.execute(insert(table).values(name="b"))
@@ -189,11 +183,8 @@ async def test_raw_connection_runs_after_the_deferred_begin(make_factory: Factor
 
 
 async def test_errors_are_sqlite3_errors_wrapped_by_sqlalchemy(
-    make_factory: FactoryMaker, models: Models
+    db: SessionFactory[Any], models: Models
 ) -> None:
-    db = make_factory()
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
     async with db.begin() as session:
         session.add(models.Item(name="taken"))
     with pytest.raises(exc.IntegrityError) as caught:
@@ -213,11 +204,8 @@ async def test_errors_are_sqlite3_errors_wrapped_by_sqlalchemy(
 
 
 async def test_readonly_refuses_writes_then_the_connection_writes_again(
-    make_factory: FactoryMaker, models: Models
+    db: SessionFactory[Any], models: Models
 ) -> None:
-    db = make_factory()
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
     with pytest.raises(exc.OperationalError, match="readonly"):
         async with db.begin(readonly=True) as session:
             session.add(models.Item(name="refused"))
@@ -227,10 +215,7 @@ async def test_readonly_refuses_writes_then_the_connection_writes_again(
         assert (await session.scalars(select(models.Item.name))).all() == ["written"]
 
 
-async def test_savepoints(make_factory: FactoryMaker, models: Models) -> None:
-    db = make_factory()
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
+async def test_savepoints(db: SessionFactory[Any], models: Models) -> None:
     async with db.begin() as session:
         session.add(models.Item(name="outer"))
         savepoint = await session.begin_nested()
@@ -245,11 +230,8 @@ async def test_savepoints(make_factory: FactoryMaker, models: Models) -> None:
 
 
 async def test_autocommit_connection_writes_at_once(
-    make_factory: FactoryMaker, models: Models
+    db: SessionFactory[Any], models: Models
 ) -> None:
-    db = make_factory()
-    async with db.engine.begin() as connection:
-        await connection.run_sync(models.metadata.create_all)
     async with db.engine.connect() as connection:
         autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
         await autocommit.execute(insert(models.Item.__table__).values(name="at once"))
