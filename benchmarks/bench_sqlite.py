@@ -40,18 +40,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine, event, insert
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sessionforge import SessionFactory
 
 from . import harness
+from .bench_factory import Item, create_table, random_id
 from .harness import Contender, Params
 
 SCENARIO = "sqlite"
 BASELINE = "SQLAlchemy + aiosqlite"
-ROWS = 1_000
 WORKLOADS = ("write", "read")
 PRAGMAS = (
     "PRAGMA busy_timeout = 5000",
@@ -62,17 +62,7 @@ PRAGMAS = (
 
 
 class Base(DeclarativeBase):
-    """This scenario's own metadata."""
-
-
-class Item(Base):
-    """The row read by the read workload."""
-
-    __tablename__ = "sf_bench_item"
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str]
-    quantity: Mapped[int]
+    """This scenario's own table; the read workload uses the ``factory`` scenario's."""
 
 
 class Entry(Base):
@@ -105,7 +95,7 @@ def work(workload: str) -> Any:
     """The statement of one transaction, for a session of either kind."""
     if workload == "write":
         return lambda session: session.add(Entry(name="entry", quantity=random.randint(1, 99)))
-    return lambda session: session.get(Item, random.randint(1, ROWS))
+    return lambda session: session.get(Item, random_id())
 
 
 def async_contender(name: str, maker: Any, workload: str) -> Contender:
@@ -132,11 +122,10 @@ def sync_contender(name: str, maker: sessionmaker[Any], workload: str) -> Conten
 
 
 async def create_tables(engine: AsyncEngine) -> None:
-    rows = [{"id": i, "name": f"item {i}", "quantity": i % 97} for i in range(1, ROWS + 1)]
+    await create_table(engine)  # sf_bench_item, filled
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
         await conn.run_sync(Base.metadata.create_all)
-        await conn.execute(insert(Item), rows)
 
 
 DRIVERS = (("aiosqlite", "aiosqlite"), ("sessionforge", "sessionforge driver"))

@@ -251,6 +251,18 @@ class _Isolation:
                 transaction = transaction.parent
         self._sessions.clear()
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _warn_left_open(self._leave(), exc)
+
+    def _leave(self) -> int:
+        """End the block: roll back, close, retire; return the sessions left open."""
+        raise NotImplementedError
+
     def _acquire(self, transaction: SessionTransaction) -> None:
         raise NotImplementedError
 
@@ -420,14 +432,6 @@ class AsyncIsolation(_Isolation, Generic[_AS]):
         self._started(connection)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _warn_left_open(self._leave(), exc)
-
     def _leave(self) -> int:
         home, connection = self._home, self._connection
         if home is None or connection is None:
@@ -508,14 +512,6 @@ class SyncIsolation(_Isolation, Generic[_S]):
             raise
         self._connection = connection
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _warn_left_open(self._leave(), exc)
 
     def _leave(self) -> int:
         connection = self._connection
