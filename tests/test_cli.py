@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -17,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import URL, make_url
 
 from sessionforge import SessionFactory
-from sessionforge.cli import ProgressLine, format_demo, main
+from sessionforge.cli import ProgressLine, diagnose, format_demo, main
 from sessionforge.core import FactoryStatus
 from sessionforge.demo import DemoProgress, DemoResult, DemoSettings, build_models, run_demo
 from sessionforge.engines import EngineStatus
@@ -69,13 +71,19 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def existing_sqlite_url(path: Path) -> str:
+    """The URL of a SQLite file made here (``check`` creates none)."""
+    sqlite3.connect(path).close()
+    return sqlite_url(path)
+
+
 # check -------------------------------------------------------------------------------
 
 
 def test_check_sqlite_file_describes_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["check", sqlite_url(tmp_path / "check.db")]) == 0
+    assert main(["check", existing_sqlite_url(tmp_path / "check.db")]) == 0
 
     out = capsys.readouterr().out
     assert f"url:      sqlite+aiosqlite:///{tmp_path / 'check.db'} (command line)" in out
@@ -92,16 +100,59 @@ def test_check_sqlite_file_describes_it(
 def test_check_defaults_to_the_embedded_sqlite_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    existing_sqlite_url(tmp_path / "sessionforge.db")
+
     assert main(["check"]) == 0
 
     assert "sqlite+aiosqlite:///sessionforge.db (embedded default)" in capsys.readouterr().out
-    assert (tmp_path / "sessionforge.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shown"),
+    [
+        pytest.param(
+            [], None, "sqlite+aiosqlite:///sessionforge.db (embedded default)", id="default"
+        ),
+        pytest.param(
+            ["sqlite:///new.db"], None, "sqlite+aiosqlite:///new.db (command line)", id="url"
+        ),
+        pytest.param(
+            [], "sqlite:///new.db", "sqlite+aiosqlite:///new.db (DATABASE_URL)", id="env"
+        ),
+    ],
+)
+def test_check_reports_a_missing_sqlite_file_and_creates_nothing(
+    args: list[str],
+    env: str | None,
+    shown: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("DATABASE_URL", env)
+
+    assert main(["check", *args]) == 3
+
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert f"the SQLite database {shown} does not exist yet" in line
+    assert "will be created on first use; check created nothing" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="0"):
+        main(["check", "--help"])
+
+    out = " ".join(capsys.readouterr().out.split())
+    assert "A SQLite file that does not exist is reported, not created." in out
+    assert "3 the SQLite file does not exist yet" in out
 
 
 def test_check_reads_database_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", sqlite_url(tmp_path / "env.db"))
+    monkeypatch.setenv("DATABASE_URL", existing_sqlite_url(tmp_path / "env.db"))
 
     assert main(["check"]) == 0
 
@@ -135,7 +186,7 @@ def test_check_unreachable_from_the_environment_in_a_subprocess(tmp_path: Path) 
         pytest.param("not a url", "could not parse the database URL", id="malformed"),
         pytest.param(
             f"postgresql://u:{SECRET}@127.0.0.1:notaport/x",
-            "could not parse the database URL",
+            "127.0.0.1:notaport/x",
             id="bad-port",
         ),
         pytest.param(
@@ -163,8 +214,100 @@ def test_check_configuration_errors_exit_2_with_one_line(
     assert SECRET not in captured.out + captured.err
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(f"postgresql://app:{SECRET}@127.0.0.1:99999/app", id="port-too-big"),
+        pytest.param(f"postgresql://app:{SECRET}@127.0.0.1:-1/app", id="negative-port"),
+    ],
+)
+def test_check_out_of_range_port_is_one_line_without_the_password(
+    url: str, tmp_path: Path
+) -> None:
+    # ConfigurationError (exit 2) once the URL parser refuses such ports; until then
+    # the driver's OverflowError, caught as unexpected (exit 1). Never a traceback.
+    code, out, err = run_module("check", "--timeout", "5", url, cwd=tmp_path)
+
+    assert code in (1, 2), err
+    assert "port" in assert_one_line_error(err, "check")
+    assert out == ""
+    assert SECRET not in err
+
+
+def test_an_unexpected_error_is_one_line_exit_1_without_the_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(*args: object) -> None:
+        raise RuntimeError(f"the driver said {SECRET!r}")
+
+    monkeypatch.setattr("sessionforge.cli.gather_check", broken)
+
+    assert main(["check", f"postgresql://u:{SECRET}@127.0.0.1/x"]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert line == "sessionforge check: unexpected error: RuntimeError: the driver said '***'"
+
+
+def test_check_names_a_missing_sqlite_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = sqlite_url(tmp_path / "no" / "such" / "dir.db")
+
+    assert main(["check", url]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert f"the directory {tmp_path / 'no' / 'such'} does not exist; create it" in line
+    assert "check that the server is up" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_names_a_directory_given_for_a_sqlite_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "data").mkdir()
+
+    assert main(["check", sqlite_url(tmp_path / "data")]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert f"{tmp_path / 'data'} is a directory; the URL must name a file" in line
+    assert "check that the server is up" not in line
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        pytest.param("missing/dir.db", "the directory {tmp}/missing does not exist", id="no-dir"),
+        pytest.param("", "{tmp} is a directory; the URL must name a file", id="a-directory"),
+    ],
+)
+def test_diagnose_explains_sqlite_unable_to_open(where: str, reason: str, tmp_path: Path) -> None:
+    # What db.ping() meets (check and demo look at the path before connecting).
+    path = tmp_path / where
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file") as raised:
+        sqlite3.connect(path)
+
+    message = diagnose(make_url(f"sqlite+aiosqlite:///{path}"), raised.value)
+
+    assert message == (
+        f"cannot open the SQLite database sqlite+aiosqlite:///{path}: "
+        + reason.format(tmp=tmp_path)
+        + ("; create it, or fix the path in the URL" if where else "")
+    )
+
+
+def test_demo_names_a_missing_sqlite_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = sqlite_url(tmp_path / "nowhere" / "demo.db")
+
+    assert main(["demo", "--url", url]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "demo")
+    assert f"the directory {tmp_path / 'nowhere'} does not exist; create it" in line
+
+
 def test_python_m_sessionforge_check_in_a_subprocess(tmp_path: Path) -> None:
-    code, out, err = run_module("check", sqlite_url(tmp_path / "sub.db"), cwd=tmp_path)
+    code, out, err = run_module("check", existing_sqlite_url(tmp_path / "sub.db"), cwd=tmp_path)
 
     assert code == 0, err
     assert "dialect:  sqlite" in out
@@ -295,6 +438,8 @@ def test_a_broken_invariant_is_reported(
     assert "total balance is 1900, expected 2000 (off by -100)" in out
     assert "2 of 2 account balances disagree" in out
     assert "1 x OperationalError: database is locked" in out
+    explained = "(expected with --plain: this is what bare SQLAlchemy does to the workload"
+    assert (explained in out) == plain
 
 
 def test_format_demo_counts_committed_against_logged() -> None:
@@ -309,6 +454,7 @@ def test_format_demo_counts_committed_against_logged() -> None:
     ("args", "reason"),
     [
         (["--workers", "0"], "workers must be at least 1"),
+        (["--transfers", "-1"], "transfers must be at least 0"),
         (["--accounts", "1"], "accounts must be at least 2"),
         (["--table-prefix", "no-dashes"], "table prefix 'no-dashes'"),
         (["--url", f"postgresql+psycopg2://u:{SECRET}@h/x"], "is a sync driver"),
@@ -322,7 +468,38 @@ def test_demo_configuration_errors_exit_2(
 
     captured = capsys.readouterr()
     assert reason in assert_one_line_error(captured.err, "demo")
+    assert captured.out == ""  # the error comes before the header
+    assert SECRET not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param("postgresql://app@127.0.0.1:1/db", "app@127.0.0.1:1/db", id="no-password"),
+        pytest.param(
+            f"postgresql://app:{SECRET}@127.0.0.1:1/db", "app:***@127.0.0.1:1/db", id="password"
+        ),
+    ],
+)
+def test_demo_header_masks_only_the_password(
+    url: str, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--url", url]) == 1  # nothing listens on port 1
+
+    captured = capsys.readouterr()
+    assert captured.out.startswith("demo: 10 workers x 200 transfers between 20 accounts on ")
+    assert f" on postgresql+asyncpg://{shown} (sessionforge SessionFactory)" in captured.out
     assert SECRET not in captured.out + captured.err
+
+
+def test_demo_help_says_plain_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="0"):
+        main(["demo", "--help"])
+
+    out = " ".join(capsys.readouterr().out.split())
+    assert "it may end in INVARIANT BROKEN" in out
+    assert "so it exits 0 either way" in out
+    assert "0 the invariant holds, or --plain ran (whatever its outcome)" in out
 
 
 @pytest.mark.parametrize("plain", [False, True])
@@ -424,6 +601,69 @@ def test_check_postgres(postgres_url: str, capsys: pytest.CaptureFixture[str]) -
     assert "dialect:  postgresql" in out
     assert "server:   postgresql " in out
     assert "pgbouncer=False" in out
+
+
+def _render(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+POSTGRES_DRIVERS = [
+    pytest.param("postgresql+asyncpg", id="asyncpg"),  # matched on the SQLSTATE
+    pytest.param("postgresql+psycopg", id="psycopg"),  # no SQLSTATE at connect: the message
+]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
+def test_check_names_a_missing_database(
+    pg_url: str, driver: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"sf_missing_{uuid.uuid4().hex[:8]}"
+
+    assert main(["check", _render(make_url(pg_url).set(drivername=driver, database=name))]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert f'/{name} answered, but database "{name}" does not exist: create it' in line
+    assert "check that the server is up" not in line
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
+def test_check_names_a_missing_role(
+    pg_url: str, driver: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    role = f"sf_nobody_{uuid.uuid4().hex[:8]}"
+
+    assert main(["check", _render(make_url(pg_url).set(drivername=driver, username=role))]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert f'answered, but role "{role}" does not exist: create it (CREATE ROLE' in line
+    assert "check that the server is up" not in line
+
+
+@pytest.mark.postgres
+def test_check_names_a_wrong_password(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = _render(make_url(pg_url).set(password=SECRET))
+
+    code = main(["check", url])
+
+    if code == 0:
+        pytest.skip("this PostgreSQL trusts the connection: it never checks a password")
+    line = assert_one_line_error(capsys.readouterr().err, "check")
+    assert "answered, but password authentication failed for user" in line
+    assert SECRET not in line
+
+
+@pytest.mark.postgres
+def test_demo_names_a_missing_postgres_database(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"sf_missing_{uuid.uuid4().hex[:8]}"
+
+    assert main(["demo", "--url", _render(make_url(pg_url).set(database=name))]) == 1
+
+    line = assert_one_line_error(capsys.readouterr().err, "demo")
+    assert f'database "{name}" does not exist: create it' in line
 
 
 @pytest.mark.postgres

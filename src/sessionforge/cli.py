@@ -1,28 +1,41 @@
 """The ``sessionforge`` command: ``check`` a database URL, run the concurrency ``demo``.
 
-Exit codes: 0 success; 1 the database is unavailable (or the demo's invariant broke);
-2 a configuration error (bad URL, unknown or missing driver, sync driver, bad option).
-Errors are one line on stderr, ``sessionforge <command>: <reason>``, with any password
-masked, and never a traceback.
+Exit codes: 0 success; 1 the database is unavailable, refused the connection, or an
+unexpected error (or the demo's invariant broke without ``--plain``); 2 a configuration
+error (bad URL, unknown or missing driver, sync driver, bad option); 3 (``check``) the
+SQLite file does not exist yet, and was not created. Errors are one line on stderr,
+``sessionforge <command>: <reason>``, with any password masked, and never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, TextIO
+from urllib.parse import unquote, urlsplit
 
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import dialects
 from .config import DEFAULT_URL, FactoryConfig, mask_url
 from .core import FactoryStatus
-from .demo import DEFAULT_DEMO_URL, DemoProgress, DemoResult, DemoSettings, run_demo
+from .demo import (
+    DEFAULT_DEMO_URL,
+    DemoProgress,
+    DemoResult,
+    DemoSettings,
+    run_demo,
+    validate_settings,
+)
 from .engines import EngineStatus, engine_status
 from .errors import ConfigurationError, DatabaseUnavailableError, SessionForgeError
 from .factory import SessionFactory
@@ -33,6 +46,7 @@ EXIT_OK: Final = 0
 EXIT_UNAVAILABLE: Final = 1
 EXIT_FAILED: Final = 1
 EXIT_CONFIGURATION: Final = 2
+EXIT_NOT_CREATED: Final = 3
 EXIT_INTERRUPTED: Final = 130
 _SHOWN_ERROR_KINDS: Final = 5
 
@@ -64,14 +78,16 @@ def resolve_config(url: str | None) -> tuple[FactoryConfig, str]:
     return FactoryConfig.from_env(), source
 
 
-async def gather_check(url: str | None, timeout: float) -> CheckReport:
+async def gather_check(config: FactoryConfig, source: str, timeout: float) -> CheckReport:
     """Build a factory, ping it and describe what it connected to; always dispose it.
 
     Raises ``ConfigurationError`` or ``DatabaseUnavailableError``.
     """
-    config, source = resolve_config(url)
     async with SessionFactory(config) as db:
-        seconds = await db.ping(timeout=timeout)
+        try:
+            seconds = await db.ping(timeout=timeout)
+        except DatabaseUnavailableError as exc:
+            raise diagnosed(exc, db.url) from exc.__cause__
         engine = db.engine
         return CheckReport(
             url=mask_url(db.url),
@@ -112,9 +128,127 @@ def _figure(value: object) -> str:
     return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# Why a connection failed, when the server answered (or SQLite could not open the file).
+# Matched on the SQLSTATE where the driver gives one (asyncpg does; psycopg does not at
+# connect) and on the server's English message otherwise.
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    sqlstate: str | None
+    pattern: re.Pattern[str]
+    url_part: str  # what names the missing thing when the message is not matched
+    advice: str
+
+
+_REFUSALS: Final = (
+    _Refusal(
+        "3D000",
+        re.compile(r'database "(?P<name>[^"]*)" does not exist'),
+        "database",
+        'database "{name}" does not exist: create it (CREATE DATABASE "{name}"), '
+        "or fix the database name in the URL",
+    ),
+    _Refusal(
+        None,  # 28000 also means "no pg_hba.conf entry": only the message is specific
+        re.compile(r'role "(?P<name>[^"]*)" does not exist'),
+        "username",
+        'role "{name}" does not exist: create it (CREATE ROLE "{name}" LOGIN), '
+        "or fix the user name in the URL",
+    ),
+    _Refusal(
+        "28P01",
+        re.compile(r'password authentication failed for user "(?P<name>[^"]*)"'),
+        "username",
+        'password authentication failed for user "{name}": check the password in the URL',
+    ),
+)
+
+
+def diagnose(url: URL, exc: BaseException) -> str | None:
+    """What is wrong when ``exc`` shows the database answered; ``None`` if it did not.
+
+    ``None`` leaves the "cannot reach ... check that the server is up" message in charge.
+    """
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(original)
+    if dialects.is_sqlite(url):
+        if "unable to open database file" in text:
+            return _sqlite_cannot_open(url)
+        return None
+    sqlstate = getattr(original, "sqlstate", None)
+    for refusal in _REFUSALS:
+        found = refusal.pattern.search(text)
+        if found is None and (refusal.sqlstate is None or sqlstate != refusal.sqlstate):
+            continue
+        name = found["name"] if found else getattr(url, refusal.url_part) or ""
+        return f"the server at {mask_url(url)} answered, but " + refusal.advice.format(name=name)
+    return None
+
+
+def diagnosed(exc: DatabaseUnavailableError, url: URL) -> DatabaseUnavailableError:
+    """``exc`` reworded with ``diagnose`` when the database answered, else ``exc`` itself."""
+    cause = exc.__cause__
+    diagnosis = diagnose(url, cause) if cause is not None else None
+    return exc if diagnosis is None else DatabaseUnavailableError(diagnosis)
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file a SQLite URL opens (relative to the working directory, as SQLite does).
+
+    ``None`` for other databases and for in-memory SQLite.
+    """
+    if not dialects.is_sqlite(url) or dialects.is_memory_sqlite(url) or not url.database:
+        return None
+    database = url.database
+    if database.startswith("file:"):  # a SQLite URI filename (uri=true)
+        database = unquote(urlsplit(database).path)
+    return Path(database)
+
+
+def _sqlite_cannot_open(url: URL) -> str:
+    why = _sqlite_unopenable(url) or "check the path, and that its directory is writable"
+    return f"cannot open the SQLite database {mask_url(url)}: {why}"
+
+
+def _sqlite_unopenable(url: URL) -> str | None:
+    """Why SQLite cannot open the file of ``url``, when the path alone shows it."""
+    path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        return f"the directory {path.parent} does not exist; create it, or fix the path in the URL"
+    if path is not None and path.is_dir():
+        return f"{path} is a directory; the URL must name a file"
+    return None
+
+
+def refuse_unopenable_sqlite(url: URL) -> None:
+    """Raise ``DatabaseUnavailableError`` when the path shows SQLite cannot open the file.
+
+    Checked before connecting because aiosqlite (0.22) leaves the thread of a failed
+    connect running, to post its result into an event loop that may be closed by then
+    ("Event loop is closed" printed from a thread as the command exits).
+    """
+    if _sqlite_unopenable(url) is not None:
+        raise DatabaseUnavailableError(_sqlite_cannot_open(url))
+
+
 def run_check(args: argparse.Namespace) -> int:
-    """``sessionforge check [URL]``: print what the URL connects to, or why it does not."""
-    report = asyncio.run(gather_check(args.url, args.timeout))
+    """``sessionforge check [URL]``: print what the URL connects to, or why it does not.
+
+    A SQLite file that does not exist is reported, not created (exit 3).
+    """
+    config, source = resolve_config(args.url)
+    url = config.async_url
+    refuse_unopenable_sqlite(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return _fail(
+            "check",
+            f"the SQLite database {mask_url(url)} ({source}) does not exist yet: "
+            f"{path.absolute()} will be created on first use; check created nothing",
+            EXIT_NOT_CREATED,
+        )
+    report = asyncio.run(gather_check(config, source, args.timeout))
     for line in format_check(report):
         print(line)
     return EXIT_OK
@@ -163,17 +297,17 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
     )
 
 
-def format_demo_header(settings: DemoSettings) -> str:
-    """The line printed before the workload starts."""
+def format_demo_header(settings: DemoSettings, url: URL) -> str:
+    """The line printed before the workload starts, ``url`` being where it runs."""
     how = (
         "bare SQLAlchemy async_sessionmaker, no sessionforge presets"
         if settings.plain
         else "sessionforge SessionFactory"
     )
-    where = mask_url(str(settings.url)) if settings.url else DEFAULT_DEMO_URL
+    # A URL object, so that only a password is masked, never a user name.
     return (
         f"demo: {settings.workers} workers x {settings.transfers} transfers between "
-        f"{settings.accounts} accounts on {where} ({how})"
+        f"{settings.accounts} accounts on {mask_url(url)} ({how})"
     )
 
 
@@ -206,6 +340,11 @@ def format_demo(result: DemoResult) -> list[str]:
     else:
         lines.append("INVARIANT BROKEN:")
         lines.extend(f"  - {problem}" for problem in result.problems())
+        if result.mode == "plain":
+            lines.append(
+                "(expected with --plain: this is what bare SQLAlchemy does to the workload "
+                "and sessionforge's presets prevent; exit code 0, since showing it is the point)"
+            )
     return lines
 
 
@@ -232,10 +371,14 @@ def _format_errors(errors: Mapping[str, int]) -> list[str]:
 def run_demo_command(args: argparse.Namespace) -> int:
     """``sessionforge demo``: run the workload, print the report, exit on the invariant."""
     settings = settings_from(args)
-    print(format_demo_header(settings))
+    url = validate_settings(settings)  # before any output: a bad option prints nothing else
+    refuse_unopenable_sqlite(url)
+    print(format_demo_header(settings, url))
     progress = ProgressLine(sys.stderr)
     try:
         result = asyncio.run(run_demo(settings, progress))
+    except DatabaseUnavailableError as exc:
+        raise diagnosed(exc, url) from exc.__cause__
     finally:
         progress.finish()
     for line in format_demo(result):
@@ -274,7 +417,12 @@ def _add_check(commands: Any) -> None:
         "check",
         help="connect to a database and show what sessionforge makes of it",
         description="Connect, ping and describe a database. URL defaults to the "
-        f"DATABASE_URL environment variable, else {DEFAULT_URL}.",
+        f"DATABASE_URL environment variable, else {DEFAULT_URL}. A SQLite file that "
+        "does not exist is reported, not created.",
+        epilog="exit codes: 0 the database answered; 1 it is unreachable or refused the "
+        "connection (the message says why), or an unexpected error; 2 a configuration "
+        "error (URL, driver, option); 3 the SQLite file does not exist yet (it will be "
+        "created on first use; check created nothing)",
     )
     check.add_argument("url", nargs="?", metavar="URL", help="database URL")
     check.add_argument(
@@ -294,6 +442,9 @@ def _add_demo(commands: Any) -> None:
         description="Run N workers x M transfers between K accounts and verify the total "
         f"balance and the transfer log. Runs on --url, else on {DEFAULT_DEMO_URL} "
         "(recreated each run) in the working directory.",
+        epilog="exit codes: 0 the invariant holds, or --plain ran (whatever its outcome); "
+        "1 the invariant broke, or the database is unavailable; 2 a bad option or URL "
+        "(reported before anything runs)",
     )
     demo.add_argument("--url", help="database URL (default: the embedded demo file)")
     demo.add_argument("--workers", type=int, default=10, help="concurrent workers (10)")
@@ -306,7 +457,9 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument(
         "--plain",
         action="store_true",
-        help="run the same workload through bare SQLAlchemy, without sessionforge",
+        help="run the same workload through bare SQLAlchemy, without sessionforge: it "
+        "may end in INVARIANT BROKEN (lost updates, or failed transfers), which is what it "
+        "demonstrates, so it exits 0 either way",
     )
     demo.set_defaults(handler=run_demo_command)
 
@@ -343,15 +496,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args.command, _scrubbed(exc, args), EXIT_UNAVAILABLE)
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug of ours or a driver's: still one line, no password
+        return _fail(args.command, f"unexpected error: {_scrubbed(exc, args)}", EXIT_FAILED)
 
 
 def _scrubbed(exc: BaseException, args: argparse.Namespace) -> str:
     """The driver's error on one line, with the password of the user's URL as ***."""
     original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     text = f"{type(original).__name__}: {_one_line(original)}"
-    raw = args.url or os.environ.get("DATABASE_URL") or ""
-    try:
-        password = FactoryConfig.from_url(raw).url.password if raw else None
-    except ConfigurationError:
-        password = None
-    return text.replace(str(password), "***") if password else text
+    for password in _passwords(args.url or os.environ.get("DATABASE_URL") or ""):
+        text = text.replace(password, "***")
+    return text
+
+
+def _passwords(raw: str) -> set[str]:
+    """Every spelling of the password in ``raw``, parsed or not (it may not parse)."""
+    found = set()
+    with contextlib.suppress(ArgumentError, ValueError):
+        found.add(make_url(raw).password)
+    # As mask_url does for a string: the user info runs up to the authority's last "@".
+    user_info = raw.partition("://")[2].rpartition("@")[0]
+    found.update({user_info.partition(":")[2], unquote(user_info.partition(":")[2])})
+    return {str(password) for password in found if password}

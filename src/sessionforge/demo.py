@@ -53,6 +53,7 @@ __all__ = [
     "DemoResult",
     "DemoSettings",
     "run_demo",
+    "validate_settings",
 ]
 
 #: The demo's own embedded database: a SQLite file in the working directory.
@@ -458,8 +459,7 @@ async def run_demo(settings: DemoSettings, progress: ProgressCallback | None = N
     ``DatabaseUnavailableError`` when the database cannot be reached at setup; errors
     during the workload are counted in the result, never raised.
     """
-    _check_settings(settings)
-    url = demo_url(settings)
+    url = validate_settings(settings)
     _remove_default_file(url, settings)
     models = build_models(settings.table_prefix)
     mode: Mode = "plain" if settings.plain else "sessionforge"
@@ -503,8 +503,11 @@ async def _setup(engine: AsyncEngine, models: DemoModels, settings: DemoSettings
     await _create_schema(engine, models, settings.accounts)
 
 
-def _check_settings(settings: DemoSettings) -> None:
-    """Raise ``ConfigurationError`` for numbers the demo cannot run with."""
+def validate_settings(settings: DemoSettings) -> URL:
+    """Return the URL the demo runs on; ``ConfigurationError`` for settings it cannot use.
+
+    Touches no database, so a caller can validate before it prints anything.
+    """
     if settings.workers < 1:
         raise ConfigurationError(f"workers must be at least 1, got {settings.workers}")
     if settings.transfers < 0:
@@ -519,3 +522,4 @@ def _check_settings(settings: DemoSettings) -> None:
         )
     if settings.progress_interval <= 0:
         raise ConfigurationError("progress_interval must be a positive number of seconds")
+    return demo_url(settings)
