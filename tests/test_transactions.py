@@ -620,3 +620,128 @@ def test_retryable_classification() -> None:
     assert is_retryable(sqlite3.OperationalError("database is locked"))
     assert not is_retryable(sqlite3.OperationalError("no such table: x"))
     assert not is_retryable(ValueError("database is locked"))
+
+
+# --- issue 11: per-transaction options validated before any I/O ------------------------
+
+PG_NOWHERE = "postgresql://app@db.invalid/shop"  # never connected to
+
+
+def begin_on(twin: str, url: str, **options: Any) -> None:
+    db = SessionFactory(url)
+    if twin == "async":
+        db.begin(**options)
+    else:
+        db.sync.begin(**options)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("url", [PG_NOWHERE, "sqlite://"], ids=["postgres", "sqlite"])
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        pytest.param(float("inf"), id="inf"),  # was a bare OverflowError on PostgreSQL
+        pytest.param(float("nan"), id="nan"),  # bare ValueError on PostgreSQL, armed on SQLite
+        pytest.param(float("-inf"), id="-inf"),
+        pytest.param(2_200_000, id="past-statement_timeout-max"),  # the server refused it
+        pytest.param(10**400, id="huge-int"),
+    ],
+)
+def test_non_finite_and_too_long_timeouts_are_refused(twin: str, url: str, timeout: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"timeout=.* is invalid: expected seconds > 0"):
+        begin_on(twin, url, timeout=timeout)
+
+
+def test_the_longest_timeout_fits_postgres_statement_timeout() -> None:
+    from sqlalchemy.engine import make_url
+
+    from sessionforge.transactions import transaction_options
+
+    options = transaction_options(
+        make_url("postgresql+asyncpg://h/d"),
+        isolation_level=None,
+        readonly=False,
+        timeout=2147483.647,
+        settings=None,
+    )
+    assert options is not None
+    assert options.settings == (("statement_timeout", "2147483647"),)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        pytest.param({"app.x": "a\x00b"}, r"'app.x' has a NUL character", id="nul-value"),
+        pytest.param({"app.x\x00": "a"}, r"setting name 'app.x\\x00' is invalid", id="nul-name"),
+        pytest.param({"app.x\n": "a"}, r"setting name 'app.x\\n' is invalid", id="newline"),
+        pytest.param({"app.x": "\ud800"}, r"not valid Unicode", id="surrogate"),
+        pytest.param({"app.x": float("nan")}, r"not a finite number", id="nan"),
+        pytest.param({"app.x": 10**5000}, r"too large to convert", id="huge-int"),
+        pytest.param({1: "a"}, r"setting name of type int is invalid", id="int-name"),
+        pytest.param({"statement_timeout": "5"}, r"pass one of them", id="timeout-twice"),
+    ],
+)
+def test_settings_the_server_would_refuse_are_refused_first(
+    twin: str, settings: Any, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        begin_on(twin, PG_NOWHERE, settings=settings, timeout=1)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"readonly": None}, r"readonly=None \(NoneType\)", id="readonly-none"),
+        pytest.param({"readonly": 1}, r"readonly=1 \(int\)", id="readonly-int"),
+        pytest.param({"settings": []}, r"settings must be a dict .* got list", id="empty-list"),
+        pytest.param({"settings": ""}, r"settings must be a dict .* got str", id="empty-str"),
+        pytest.param(
+            {"isolation_level": "AUTOCOMMIT", "readonly": True}, r"AUTOCOMMIT", id="ac-ro"
+        ),
+        pytest.param(
+            {"isolation_level": "autocommit", "settings": {"app.x": 1}}, r"AUTOCOMMIT", id="ac-s"
+        ),
+    ],
+)
+def test_options_that_would_be_silently_ignored_are_refused(
+    twin: str, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        begin_on(twin, PG_NOWHERE, **options)
+
+
+def test_backoff_must_be_finite_and_long_retry_runs_do_not_overflow() -> None:
+    from sessionforge.transactions import RetryPolicy
+
+    for backoff in (float("nan"), float("inf"), 10**400):
+        with pytest.raises(ConfigurationError, match=r"backoff=.* is invalid"):
+            RetryPolicy.build(5, backoff, None)
+    assert 0 <= RetryPolicy.build(5000, 0.05, None).delay(2000) <= 2.0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("twin", TWINS)
+async def test_read_uncommitted_on_postgres_runs_as_read_committed_and_leaks_nothing(
+    twin: str, pg_url: str
+) -> None:
+    # SQLAlchemy's asyncpg dialect refused READ UNCOMMITTED with an ArgumentError at
+    # checkout and leaked the connection; PostgreSQL runs it as READ COMMITTED anyway.
+    db = SessionFactory(pg_url, pool_size=1, max_overflow=0)
+    try:
+        level = await scalar(
+            db, twin, "SHOW transaction_isolation", isolation_level="READ UNCOMMITTED"
+        )
+        assert level == "read committed"
+        assert db.status().checked_out == 0
+        assert db.sync.status().checked_out == 0
+        assert await scalar(db, twin, "SELECT 1") == 1  # the one pooled connection is back
+    finally:
+        await db.dispose()
+    engine_level = SessionFactory(pg_url, isolation_level="READ UNCOMMITTED")
+    try:
+        assert await scalar(engine_level, twin, "SHOW transaction_isolation") == "read committed"
+        assert engine_level.status().checked_out == 0
+    finally:
+        await engine_level.dispose()

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypedDict, Unpack
+from urllib.parse import unquote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -32,6 +35,9 @@ DEFAULT_URL: Final = "sqlite+aiosqlite:///sessionforge.db"
 DEFAULT_PING_AFTER: Final = 1.0
 
 _SECRET_KEY = re.compile(r"pass|secret|token|key|credential|dsn", re.IGNORECASE)
+# "key=value" pairs in a string that did not parse: a query string, or a libpq
+# keyword DSN ("host=db password=..."); the value ends at the next separator.
+_KEY_VALUE = re.compile(r"(?P<key>[\w.%-]+)(?P<eq>\s*=\s*)(?P<value>'[^']*'|[^&;\s]*)")
 
 
 class _CommonOptions(TypedDict, total=False):
@@ -117,7 +123,9 @@ def mask_url(url: URL | str) -> str:
     """Render ``url`` with its password (and password-like query values) as ``***``.
 
     A string that did not parse as a URL gets its whole user-info part masked, up to
-    the last ``@`` of the authority, whatever characters the password holds.
+    the last ``@``, whatever characters the password holds, and the value of every
+    ``key=value`` pair whose (percent-decoded) key names a secret: query strings and
+    libpq keyword DSNs alike.
     """
     if isinstance(url, URL):
         secret = {key: "***" for key in url.query if _SECRET_KEY.search(key)}
@@ -125,9 +133,15 @@ def mask_url(url: URL | str) -> str:
             url = url.update_query_dict(secret)
         return url.render_as_string(hide_password=True)
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if sep and "@" in rest:
+        url = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return _KEY_VALUE.sub(_mask_secret_value, url)
+
+
+def _mask_secret_value(match: re.Match[str]) -> str:
+    if not _SECRET_KEY.search(unquote(match["key"])):
+        return match[0]
+    return f"{match['key']}{match['eq']}***"
 
 
 def mask_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,24 +169,28 @@ def parse_url(raw: str | URL) -> URL:
     A URL without a driver gets the dialect's async default (``postgresql://`` →
     asyncpg, ``sqlite://`` → aiosqlite); ``postgres://`` is read as ``postgresql://``;
     an in-memory SQLite URL gets a shared name. Explicit drivers are kept as given.
+    Everything a driver would trip over later is refused here: a scheme that is not
+    ``dialect[+driver]``, a port outside 1-65535, a NUL character.
     """
     if isinstance(raw, URL):
         url = raw
     elif isinstance(raw, str):
         _check_unencoded_at(raw)
+        _check_raw_port(raw)
         try:
             url = make_url(raw.strip())
-        except (ArgumentError, ValueError) as exc:
+        except (ArgumentError, ValueError):
             raise ConfigurationError(
                 f"could not parse the database URL {mask_url(raw)!r}: expected "
-                "dialect[+driver]://user:password@host:port/database, for example "
-                "'postgresql://app@localhost/app' or 'sqlite:///app.db'"
-            ) from exc
+                f"{_URL_FORM}, for example 'postgresql://app@localhost/app' or "
+                "'sqlite:///app.db'"
+            ) from None  # SQLAlchemy's message adds nothing, and may quote the URL
     else:
         raise ConfigurationError(
             f"the database URL must be a string or a sqlalchemy URL, got {type(raw).__name__}"
         )
-    dialect_name, _, driver = url.drivername.partition("+")
+    _check_url_parts(url)
+    dialect_name, _, driver = url.drivername.lower().partition("+")
     dialect_name = dialects.canonical_dialect(dialect_name)
     if not driver:
         driver = dialects.default_async_driver(dialect_name) or ""
@@ -181,9 +199,71 @@ def parse_url(raw: str | URL) -> URL:
         url.get_dialect()
     except NoSuchModuleError as exc:
         raise ConfigurationError(_unknown_driver_message(url)) from exc
+    except (ImportError, ValueError, AttributeError) as exc:  # a broken dialect entry point
+        raise ConfigurationError(
+            f"SQLAlchemy could not load the dialect of {mask_url(url)!r} "
+            f"({type(exc).__name__}); check the dialect and driver names and that the "
+            "driver's package is installed"
+        ) from None
     if dialects.is_sqlite(url):
         url = dialects.normalise_memory_sqlite(url)
     return url
+
+
+_URL_FORM: Final = "dialect[+driver]://user:password@host:port/database"
+_SCHEME: Final = re.compile(r"[a-z][a-z0-9_]*(\+[a-z][a-z0-9_]*)?", re.IGNORECASE)
+# The port as SQLAlchemy's URL pattern (sqlalchemy.engine.url._parse_url) finds it:
+# after the user info (a password may hold "/" and ":") and the host.
+_RAW_PORT: Final = re.compile(
+    r"[^:/?#]*://(?:[^:/]*(?::[^@]*)?@)?(?:\[[^/?]+\]|[^/:?]+)?(?::(?P<port>[^/?]*))?"
+)
+_MAX_PORT: Final = 65535
+
+
+def _port_error(port: object, shown_url: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"the port {port!r} in the database URL {shown_url!r} is not a number from 1 to "
+        f"{_MAX_PORT}; write {_URL_FORM} with a numeric port, or leave ':port' out for "
+        "the database's default"
+    )
+
+
+def _check_raw_port(raw: str) -> None:
+    # SQLAlchemy reads the port with int(): "-1", "+5", " 5" and non-ASCII digits
+    # pass it, "99999" too, and fail only when a driver opens a socket.
+    match = _RAW_PORT.match(raw.strip())
+    port = match["port"] if match else None
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) <= _MAX_PORT):
+        raise _port_error(port, mask_url(raw))
+
+
+def _check_url_parts(url: URL) -> None:
+    if not _SCHEME.fullmatch(url.drivername):
+        raise ConfigurationError(
+            f"the database URL scheme {url.drivername!r} is not dialect or dialect+driver "
+            f"(letters, digits and '_', at most one '+'); expected {_URL_FORM}, for "
+            "example 'postgresql+asyncpg://app@localhost/app'"
+        )
+    if url.port is not None and not 0 < url.port <= _MAX_PORT:
+        raise _port_error(url.port, mask_url(url))
+    if url.password is not None and "\x00" in str(url.password):
+        raise ConfigurationError(
+            "the password of the database URL contains a NUL character, which no driver "
+            "can send; check how the URL is built"
+        )
+    parts = {"user name": url.username, "host": url.host, "database": url.database}
+    for key, values in url.query.items():
+        parts[f"query parameter {key!r}"] = "".join((key, *_as_tuple(values)))
+    for part, value in parts.items():
+        if value is not None and "\x00" in value:
+            raise ConfigurationError(
+                f"the {part} of the database URL {mask_url(url)!r} contains a NUL "
+                "character, which no driver can send; remove it"
+            )
+
+
+def _as_tuple(values: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (values,) if isinstance(values, str) else values
 
 
 def _check_unencoded_at(raw: str) -> None:
@@ -192,7 +272,7 @@ def _check_unencoded_at(raw: str) -> None:
     _, sep, rest = raw.partition("://")
     authority = rest.split("/", 1)[0] if sep else ""
     if authority.count("@") > 1:
-        user = authority.split(":", 1)[0]
+        user = authority.split("@", 1)[0].split(":", 1)[0]
         raise ConfigurationError(
             f"the database URL for user {user!r} has more than one '@' before the host: "
             "percent-encode an '@' in the password as %40 "
@@ -226,21 +306,42 @@ def _check_optional_bool(name: str, value: Any) -> None:
         _check_bool(name, value)
 
 
-def _check_int(minimum: int) -> Callable[[str, Any], None]:
+def _check_int(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if value is None:
             return
-        if type(value) is not int or value < minimum:
-            raise _ill_typed(name, value, f"an int >= {minimum}")
+        if type(value) is not int or not minimum <= value <= maximum:
+            raise _ill_typed(name, value, f"an int from {minimum} to {maximum}")
 
     return check
 
 
-def _check_seconds(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise _ill_typed(name, value, "a number of seconds >= 0")
+def finite_seconds(value: object) -> float | None:
+    """``value`` as a float if it is a finite int or float (a bool is not), else ``None``.
+
+    ``nan`` compares false with everything, so ``nan < 0`` lets it through a range
+    check, and ``asyncio.timeout(nan)`` stops the loop's timers; ``inf`` and huge ints
+    overflow where drivers convert seconds to integer milliseconds.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _check_seconds(maximum: float, *, optional: bool) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value is None and optional:
+            return
+        seconds = finite_seconds(value)
+        if seconds is None or not 0 <= seconds <= maximum:
+            none = " or None" if optional else ""
+            raise _ill_typed(name, value, f"a number of seconds from 0 to {maximum:.10g}{none}")
+
+    return check
 
 
 def _check_mapping(name: str, value: Any) -> None:
@@ -283,9 +384,18 @@ def _check_choice(choices: frozenset[str], *, optional: bool) -> Callable[[str, 
     return check
 
 
+def safe_repr(value: object) -> str:
+    """``repr(value)``, shortened, and never an error (ints past 4300 digits raise one)."""
+    try:
+        shown = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} that cannot be shown>"
+    return shown if len(shown) <= 80 else f"{shown[:60]}...{shown[-10:]}"
+
+
 def _ill_typed(name: str, value: Any, expected: str) -> ConfigurationError:
     # Connection arguments may carry credentials: never echo them.
-    shown = "..." if name in _MAY_HOLD_SECRETS or _SECRET_KEY.search(name) else repr(value)
+    shown = "..." if name in _MAY_HOLD_SECRETS or _SECRET_KEY.search(name) else safe_repr(value)
     return ConfigurationError(
         f"option {name}={shown} ({type(value).__name__}) is invalid: expected {expected}"
     )
@@ -296,7 +406,8 @@ _MAY_HOLD_SECRETS: Final = frozenset({"connect_args", "sync_connect_args", "engi
 _CHECKS: Final[Mapping[str, Callable[[str, Any], None]]] = {
     "pool_size": _check_int(0),
     "max_overflow": _check_int(-1),
-    "pool_timeout": _check_seconds,
+    # threading's waits (the sync pool's) refuse longer ones with an OverflowError.
+    "pool_timeout": _check_seconds(threading.TIMEOUT_MAX, optional=True),
     "pool_recycle": _check_int(-1),
     "pool_use_lifo": _check_bool,
     "echo": _check_echo,
@@ -310,12 +421,12 @@ _CHECKS: Final[Mapping[str, Callable[[str, Any], None]]] = {
     "class_": _check_class(AsyncSession),
     "sync_class_": _check_class(Session),
     "session_options": _check_mapping,
-    "ping_after": _check_seconds,
+    "ping_after": _check_seconds(dialects.MAX_SECONDS, optional=True),
     "pgbouncer": _check_bool,
     "application_name": _check_optional_str,
     "sqlite_journal_mode": _check_choice(dialects.SQLITE_JOURNAL_MODES, optional=True),
     "sqlite_synchronous": _check_choice(dialects.SQLITE_SYNCHRONOUS, optional=True),
-    "sqlite_busy_timeout": _check_seconds,
+    "sqlite_busy_timeout": _check_seconds(dialects.MAX_SECONDS, optional=False),
     "sqlite_foreign_keys": _check_optional_bool,
     "sqlite_begin": _check_choice(dialects.SQLITE_BEGIN_MODES, optional=False),
     "track_session_origin": _check_bool,
@@ -400,12 +511,19 @@ class FactoryConfig:
         cls,
         url: str | URL,
         *,
+        /,
         class_: type[AsyncSession] = AsyncSession,
         **options: Unpack[FactoryOptions],
     ) -> FactoryConfig:
-        """Build a config from a URL string (or ``sqlalchemy.URL``) and options."""
+        """Build a config from a URL string (or ``sqlalchemy.URL``) and options.
+
+        An option that belongs to another dialect than the URL's (``pgbouncer=True``
+        for SQLite, say) is refused, unless it is left at its default.
+        """
         check_option_names(options)
-        return cls(url=parse_url(url), class_=class_, **options)
+        config = cls(url=parse_url(url), class_=class_, **options)
+        config._check_dialect_options(options)
+        return config
 
     @classmethod
     def from_env(
@@ -424,11 +542,18 @@ class FactoryConfig:
         return cls.from_url(os.environ.get(var) or default, class_=class_, **options)
 
     def replace(self, **changes: Any) -> FactoryConfig:
-        """Return a validated copy with ``changes`` applied."""
+        """Return a validated copy with ``changes`` applied.
+
+        Only the options in ``changes`` are checked against the dialect: with a new
+        ``url`` of another dialect, options set for the old one stay in the copy and
+        are not applied.
+        """
         check_option_names(changes, allowed=_FIELD_NAMES)
         if "url" in changes:
             changes["url"] = parse_url(changes["url"])
-        return dataclasses.replace(self, **changes)
+        config = dataclasses.replace(self, **changes)
+        config._check_dialect_options(changes)
+        return config
 
     # derived values ----------------------------------------------------------------
 
@@ -535,6 +660,18 @@ class FactoryConfig:
 _FIELD_NAMES: Final = frozenset(f.name for f in dataclasses.fields(FactoryConfig))
 
 
+    def _check_dialect_options(self, given: Mapping[str, Any]) -> None:
+        backend = self.url.get_backend_name()
+        for name in given:
+            owner = dialects.option_dialect(name)
+            if owner is None or owner == backend or getattr(self, name) == _DEFAULTS[name]:
+                continue
+            raise ConfigurationError(
+                f"option {name}= is for {dialects.display_name(owner)} only, and the URL "
+                f"{mask_url(self.url)!r} is {dialects.display_name(backend)}; leave it out "
+                f"for this database (pass it only when the URL is {owner}://...)"
+            )
+
 def check_option_names(options: Mapping[str, Any], allowed: frozenset[str] | None = None) -> None:
     """Raise ``ConfigurationError`` for the first name that is not a known option."""
     known = allowed if allowed is not None else _FIELD_NAMES - {"url", "class_"}
@@ -547,7 +684,12 @@ def check_option_names(options: Mapping[str, Any], allowed: frozenset[str] | Non
                 "create another SessionFactory for another database"
             )
         hint = difflib.get_close_matches(name, sorted(known), n=1)
-        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else "."
+_DEFAULTS: Final[Mapping[str, Any]] = {
+    f.name: f.default
+    for f in dataclasses.fields(FactoryConfig)
+    if f.default is not dataclasses.MISSING
+}
         raise ConfigurationError(
             f"unknown option {name!r}{did_you_mean} Options are listed in "
             "FactoryOptions; anything else for the engine goes in engine_options={...}, "
@@ -561,6 +703,9 @@ def session_argument_names(*classes: type) -> frozenset[str]:
     for cls in classes:
         for parameter in inspect.signature(cls).parameters.values():
             if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+        elsewhere = _elsewhere(name, known)
+        if elsewhere is not None:
+            raise ConfigurationError(f"unknown option {name!r}: {elsewhere}")
                 names.add(parameter.name)
     return frozenset(names - _FACTORY_OWNED - {"self"})
 
@@ -570,12 +715,94 @@ def check_session_argument(name: str, allowed: frozenset[str]) -> None:
     if name in allowed:
         return
     if name in _FACTORY_OWNED:
+_TO_ENGINE_OPTIONS: Final = "a create_engine() argument: pass engine_options={{{name!r}: ...}}"
+# What users of SQLAlchemy (or of a factory's other methods) try first, and where it
+# goes instead; names SQLAlchemy's create_engine() takes that are not options here.
+_ELSEWHERE: Final[Mapping[str, str]] = {
+    "pool_pre_ping": (
+        "sessionforge replaces it with ping_after=: a pooled connection is pinged at "
+        "checkout only after it sat idle in the pool for ping_after seconds (default "
+        f"{DEFAULT_PING_AFTER:g}), so a busy pool pays no round trip; ping_after=0 pings "
+        "at every checkout, ping_after=None never"
+    ),
+    "future": "SQLAlchemy 2 engines and sessions are always 'future'; leave it out",
+    "url": (
+        "the URL is the factory's first argument, given once: SessionFactory(url, "
+        "**options); config.replace(url=...) makes a copy for another URL"
+    ),
+    "engine": "pass an engine as the factory's first argument: SessionFactory(engine)",
+    "creator": (
+        "sessionforge builds the engine from the URL; to connect your own way, create "
+        "the engine yourself and pass it: SessionFactory(engine)"
+    ),
+    "autocommit": (
+        "sessions have no autocommit mode since SQLAlchemy 2.0; use db.reader() for "
+        "reads without a transaction, or isolation_level='AUTOCOMMIT'"
+    ),
+    "readonly": (
+        "read-only is per transaction: db.begin(readonly=True), or db.reader() for "
+        "reads without a transaction"
+    ),
+    "timeout": (
+        "a transaction's deadline is db.begin(timeout=...); the wait for a pooled "
+        "connection is pool_timeout="
+    ),
+    "statement_timeout": (
+        "db.begin(timeout=...) sets it for one transaction; for every connection pass "
+        "it as a server setting in connect_args"
+    ),
+    "retries": "retries are per call: db.run_transaction(fn, retries=...)",
+    "settings": (
+        "server settings are per transaction: db.begin(settings={...}); for every "
+        "connection pass them in connect_args"
+    ),
+    **{
+        name: _TO_ENGINE_OPTIONS.format(name=name)
+        for name in (
+            "poolclass",
+            "pool",
+            "pool_reset_on_return",
+            "pool_logging_name",
+            "pool_events",
+            "echo_pool",
+            "json_serializer",
+            "json_deserializer",
+            "execution_options",
+            "hide_parameters",
+            "logging_name",
+            "query_cache_size",
+            "insertmanyvalues_page_size",
+            "use_insertmanyvalues",
+            "max_identifier_length",
+            "label_length",
+            "paramstyle",
+            "plugins",
+            "enable_from_linting",
+            "skip_autocommit_rollback",
+            "module",
+            "implicit_returning",
+        )
+    },
+}
+
+
+def _elsewhere(name: str, known: frozenset[str]) -> str | None:
+    """Where an option the factory does not take by this name goes, if we know."""
+    if "engine_options" not in known:  # a factory given an engine takes session options
+        return None
+    if name in _ELSEWHERE:
+        return _ELSEWHERE[name] + "."
+    if name in session_argument_names(AsyncSession, Session):
+        return f"a session argument: pass session_options={{{name!r}: ...}}."
+    return None
+
+
         raise ConfigurationError(
             f"{name} is set by the factory and cannot be passed to a session; "
             "create another SessionFactory for another database or session class"
         )
     hint = difflib.get_close_matches(name, sorted(allowed), n=1)
-    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else "."
     raise ConfigurationError(
         f"unknown session argument {name!r}{did_you_mean} "
         f"Sessions accept: {', '.join(sorted(allowed))}"

@@ -9,6 +9,7 @@ dialect or a driver.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -106,9 +107,39 @@ _ISOLATION_LEVELS: Final[Mapping[str, frozenset[str]]] = {
     "sqlite": frozenset({"SERIALIZABLE", "READ UNCOMMITTED", "AUTOCOMMIT"}),
 }
 
+#: The longest wait, in seconds, sessionforge passes on: PostgreSQL's
+#: ``statement_timeout`` and SQLite's ``busy_timeout`` are C ints of milliseconds
+#: (2147483647 ms, about 24.8 days). The same bound on every dialect, so a value that
+#: passes tests on SQLite does not fail in production on PostgreSQL.
+MAX_SECONDS: Final = (2**31 - 1) / 1000
+
+# Levels a driver's SQLAlchemy dialect refuses, and what to pass for the same
+# behaviour. PostgreSQL runs READ UNCOMMITTED as READ COMMITTED (its docs, "Transaction
+# Isolation"), and SQLAlchemy's asyncpg dialect, whose lookup table has no READ
+# UNCOMMITTED, raises ArgumentError for it, at checkout, leaking the connection.
+_DRIVER_LEVELS: Final[Mapping[tuple[str, str], Mapping[str, str]]] = {
+    ("postgresql", "asyncpg"): {"READ UNCOMMITTED": "READ COMMITTED"},
+}
+
 SQLITE_JOURNAL_MODES: Final = frozenset({"WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY", "OFF"})
 SQLITE_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 SQLITE_BEGIN_MODES: Final = frozenset({"immediate", "deferred"})
+
+# Options of FactoryConfig that only one dialect uses; the others refuse them.
+_OPTION_DIALECTS: Final[Mapping[str, str]] = {
+    "pgbouncer": "postgresql",
+    "application_name": "postgresql",
+    "sqlite_journal_mode": "sqlite",
+    "sqlite_synchronous": "sqlite",
+    "sqlite_busy_timeout": "sqlite",
+    "sqlite_foreign_keys": "sqlite",
+    "sqlite_begin": "sqlite",
+}
+_DISPLAY_NAMES: Final[Mapping[str, str]] = {
+    "postgresql": "PostgreSQL",
+    "sqlite": "SQLite",
+    "mysql": "MySQL/MariaDB",
+}
 
 #: Execution option that picks the SQLite BEGIN mode of one connection's transactions
 #: ("immediate" or "deferred").
@@ -121,6 +152,16 @@ READONLY_OPTION: Final = "sessionforge_readonly"
 def known_drivers() -> tuple[DriverInfo, ...]:
     """Every driver sessionforge has a mapping or an install hint for."""
     return _DRIVERS
+
+
+def option_dialect(option: str) -> str | None:
+    """The dialect a ``FactoryConfig`` option belongs to, or ``None`` if it is for all."""
+    return _OPTION_DIALECTS.get(option)
+
+
+def display_name(dialect: str) -> str:
+    """``dialect`` as people write it in prose ("PostgreSQL")."""
+    return _DISPLAY_NAMES.get(dialect, dialect)
 
 
 def canonical_dialect(name: str) -> str:
@@ -179,6 +220,12 @@ def check_isolation_level(url: URL, level: str) -> str:
     return normalised
 
 
+def driver_isolation_level(url: URL, level: str) -> str:
+    """The level to hand SQLAlchemy for ``level`` (normalised) on ``url``'s driver."""
+    aliases = _DRIVER_LEVELS.get((url.get_backend_name(), url.get_driver_name()), {})
+    return aliases.get(level, level)
+
+
 def is_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite"
 
@@ -221,7 +268,9 @@ def engine_kwargs(config: FactoryConfig, url: URL, *, is_async: bool) -> dict[st
     if config.echo:
         kwargs["echo"] = True
     if config.isolation_level is not None:
-        kwargs["isolation_level"] = config.isolation_level
+        # By the config's (async) driver, so both twins run the same level.
+        level = config.isolation_level
+        kwargs["isolation_level"] = driver_isolation_level(config.url or url, level)
     connect_args = dict(config.connect_args if is_async else config.sync_connect_args)
     backend, driver = url.get_backend_name(), url.get_driver_name()
     if backend == "postgresql":
@@ -457,7 +506,8 @@ def transaction_execution_options(
 
     options: dict[str, Any] = {}
     if isolation_level is not None:
-        options["isolation_level"] = isolation_level
+        # The sync twin (psycopg) gets the same level as the async driver: parity.
+        options["isolation_level"] = driver_isolation_level(url, isolation_level)
     if readonly:
         backend = url.get_backend_name()
         if backend == "postgresql":
@@ -548,22 +598,43 @@ def check_settings(url: URL, settings: Mapping[str, Any]) -> tuple[tuple[str, st
         )
     pairs: list[tuple[str, str]] = []
     for name, value in settings.items():
-        if not isinstance(name, str) or not _SETTING_NAME.match(name):
+        if not isinstance(name, str) or not _SETTING_NAME.fullmatch(name):
+            shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
             raise ConfigurationError(
-                f"setting name {name!r} is invalid: use a server setting name like "
+                f"setting name {shown} is invalid: use a server setting name like "
                 "'statement_timeout' or a custom one like 'app.tenant_id'"
             )
-        if isinstance(value, bool):
-            text = "on" if value else "off"
-        elif isinstance(value, str | int | float):
-            text = str(value)
-        else:
-            raise ConfigurationError(
-                f"setting {name!r} has a value of type {type(value).__name__}; "
-                "use a string, a number or a bool"
-            )
-        pairs.append((name, text))
+        pairs.append((name, _setting_text(name, value)))
     return tuple(pairs)
+
+
+def _setting_text(name: str, value: object) -> str:
+    """A setting's value as the text set_config() gets; values are never echoed."""
+    from .errors import ConfigurationError
+
+    def invalid(problem: str) -> ConfigurationError:
+        return ConfigurationError(f"setting {name!r} has {problem}")
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid("a value that is not a finite number; use a number or a string")
+    if isinstance(value, int | float):
+        try:
+            return str(value)
+        except ValueError:  # an int past the 4300 digits int -> str allows
+            raise invalid("an int too large to convert; pass it as a string") from None
+    if not isinstance(value, str):
+        raise invalid(f"a value of type {type(value).__name__}; use a string, a number or a bool")
+    if "\x00" in value:
+        raise invalid("a NUL character in its value, which PostgreSQL text cannot hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(
+            "a value that is not valid Unicode (a lone surrogate); check how it was decoded"
+        ) from None
+    return value
 
 
 def timeout_settings(url: URL, timeout: float | None) -> tuple[tuple[str, str], ...]:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import dialects
+from .config import finite_seconds, safe_repr
 from .errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
 
 __all__ = [
@@ -58,23 +59,50 @@ def transaction_options(
     timeout: float | None,
     settings: Mapping[str, Any] | None,
 ) -> TransactionOptions | None:
-    """Validate per-transaction options for ``url``; ``None`` when none were given."""
+    """Validate per-transaction options for ``url``; ``None`` when none were given.
+
+    Everything is checked here, before a session or a connection exists: whatever
+    reaches the driver or the server is known to be acceptable to it.
+    """
+    if type(readonly) is not bool:
+        raise ConfigurationError(
+            f"readonly={safe_repr(readonly)} ({type(readonly).__name__}) is invalid: "
+            "expected True or False"
+        )
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigurationError(
+            "settings must be a dict of server setting names to values, or None; "
+            f"got {type(settings).__name__}"
+        )
     if isolation_level is None and not readonly and timeout is None and not settings:
         return None
-    if type(readonly) is not bool:
-        raise ConfigurationError(f"readonly={readonly!r} is invalid: expected True or False")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
-        raise ConfigurationError(f"timeout={timeout!r} is invalid: expected seconds > 0")
+    seconds = None if timeout is None else finite_seconds(timeout)
+    if timeout is not None and (seconds is None or not 0 < seconds <= dialects.MAX_SECONDS):
+        raise ConfigurationError(
+            f"timeout={safe_repr(timeout)} ({type(timeout).__name__}) is invalid: expected "
+            f"seconds > 0 and at most {dialects.MAX_SECONDS:.10g} (about 24.8 days), or None"
+        )
     level = (
         None if isolation_level is None else dialects.check_isolation_level(url, isolation_level)
     )
-    pairs = dialects.timeout_settings(url, timeout) + dialects.check_settings(url, settings or {})
+    pairs = dialects.check_settings(url, settings or {})
+    if level == "AUTOCOMMIT" and (readonly or pairs):
+        raise ConfigurationError(
+            "isolation_level='AUTOCOMMIT' runs every statement on its own, outside a "
+            "transaction, so readonly=True and settings= (which last one transaction) "
+            "would silently do nothing; drop AUTOCOMMIT, or use db.reader() for reads"
+        )
+    if seconds is not None and any(name.lower() == "statement_timeout" for name, _ in pairs):
+        raise ConfigurationError(
+            "timeout= sets statement_timeout for the transaction, and settings= sets it "
+            "too; pass one of them"
+        )
+    if level != "AUTOCOMMIT":  # a transaction-local setting would not outlive its statement
+        pairs = dialects.timeout_settings(url, seconds) + pairs
     return TransactionOptions(
         execution_options=dialects.transaction_execution_options(url, level, readonly),
         settings=pairs,
-        timeout=timeout,
+        timeout=seconds,
         invalidate_on_timeout=dialects.invalidate_on_timeout(url),
     )
 
@@ -130,12 +158,17 @@ class RetryPolicy:
     @classmethod
     def build(cls, retries: int, backoff: float, retry_if: RetryPredicate | None) -> RetryPolicy:
         if type(retries) is not int or retries < 0:
-            raise ConfigurationError(f"retries={retries!r} is invalid: expected an int >= 0")
-        if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
-            raise ConfigurationError(f"backoff={backoff!r} is invalid: expected seconds >= 0")
+            raise ConfigurationError(
+                f"retries={safe_repr(retries)} is invalid: expected an int >= 0"
+            )
+        seconds = finite_seconds(backoff)
+        if seconds is None or seconds < 0:
+            raise ConfigurationError(
+                f"backoff={safe_repr(backoff)} is invalid: expected seconds >= 0"
+            )
         if retry_if is not None and not callable(retry_if):
             raise ConfigurationError("retry_if must be a callable taking the exception")
-        return cls(retries, float(backoff), retry_if)
+        return cls(retries, seconds, retry_if)
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         """Whether the failure of attempt number ``attempt`` (1-based) gets another run.
@@ -163,7 +196,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff before re-run number ``attempt`` (1-based)."""
-        return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1)))
+        # The exponent is capped: 2 ** 1024 no longer converts to a float.
+        return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2 ** min(attempt - 1, 64)))
 
 
 #: Attribute of a sync session counting the atomic() blocks open on it.
