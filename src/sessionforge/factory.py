@@ -23,17 +23,21 @@ from typing import (
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    AsyncSessionTransaction,
+)
 
 from . import dialects
 from .cancellation import end_and_close, run_to_completion
 from .config import FactoryConfig, FactoryOptions
-from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
+from .core import FactoryCore, FactoryStatus, check_ping_timeout, resolve_target, unavailable
 from .engines import check_driver
-from .errors import TransactionTimeoutError
-from .stats import opened_session
+from .errors import ConfigurationError, TransactionTimeoutError
+from .stats import open_sessions
 from .transactions import (
-    OPTIONS_ATTRIBUTE,
     RetryPolicy,
     RetryPredicate,
     TransactionOptions,
@@ -80,7 +84,7 @@ class SessionFactory(Generic[_AS]):
     @overload
     def __init__(
         self: SessionFactory[AsyncSession],
-        target: str | URL | AsyncEngine | FactoryConfig,
+        target: str | URL | AsyncEngine | AsyncConnection | FactoryConfig | None = None,
         /,
         **options: Unpack[FactoryOptions],
     ) -> None: ...
@@ -88,7 +92,7 @@ class SessionFactory(Generic[_AS]):
     @overload
     def __init__(
         self,
-        target: str | URL | AsyncEngine | FactoryConfig,
+        target: str | URL | AsyncEngine | AsyncConnection | FactoryConfig | None = None,
         /,
         *,
         class_: type[_AS],
@@ -97,7 +101,7 @@ class SessionFactory(Generic[_AS]):
 
     def __init__(
         self,
-        target: str | URL | AsyncEngine | FactoryConfig,
+        target: str | URL | AsyncEngine | AsyncConnection | FactoryConfig | None = None,
         /,
         *,
         class_: type[_AS] | None = None,
@@ -105,24 +109,22 @@ class SessionFactory(Generic[_AS]):
     ) -> None:
         if class_ is not None:
             options["class_"] = class_
-        config, engine = resolve_target(
-            target, options, engine_type=AsyncEngine, factory="SessionFactory"
-        )
-        check_driver(config.async_url, is_async=True)
-        self._core: FactoryCore[_AS] = FactoryCore(config, async_engine=engine)
+        resolved = resolve_target(target, options, twin="async")
+        if resolved.config.url is not None:
+            check_driver(resolved.config.async_url, is_async=True)
+        self._core: FactoryCore[_AS] = FactoryCore(resolved, twin="async")
         self._sync: SyncSessionFactory[Session] | None = None
         self._dependencies: dict[tuple[str, object], Callable[..., Awaitable[_AS]]] = {}
 
     # making sessions ---------------------------------------------------------------
 
     def __call__(self, **overrides: Any) -> _AS:
-        """Return a new session; ``overrides`` win over the factory's session options."""
+        """Return a new session; ``overrides`` win over the factory's session options.
+
+        ``binds={...}`` in ``overrides`` replaces the factory's binds for this session.
+        """
         core = self._core
-        session: _AS = core.async_class(
-            bind=core.async_bind(None), **core.session_kwargs(overrides)
-        )
-        opened_session(session.sync_session, core.config.track_session_origin)
-        return session
+        return core.new_async_session(core.async_class, None, overrides, require_bind=False)
 
     def begin(
         self,
@@ -147,7 +149,9 @@ class SessionFactory(Generic[_AS]):
         PostgreSQL settings (``set_config(name, value, true)``, values bound).
         """
         options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
-        return AsyncBeginContext(self._session(options, overrides), options)
+        if overrides:
+            self._core.session_kwargs(overrides, "async")  # bad arguments fail here
+        return AsyncBeginContext(functools.partial(self._session, options, overrides), options)
 
     def reader(self, **overrides: Any) -> _AS:
         """A session for reads only, on an AUTOCOMMIT connection from the same pool.
@@ -161,19 +165,11 @@ class SessionFactory(Generic[_AS]):
         """
         core = self._core
         options, reader_class, _ = core.reader()
-        session = reader_class(bind=core.async_bind(options), **core.session_kwargs(overrides))
-        opened_session(session.sync_session, core.config.track_session_origin)
-        return session
+        return core.new_async_session(reader_class, options, overrides, reader=True)
 
     def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _AS:
         core = self._core
-        session: _AS = core.async_class(
-            bind=core.async_bind(options), **core.session_kwargs(overrides)
-        )
-        if options is not None:
-            setattr(session.sync_session, OPTIONS_ATTRIBUTE, options)
-        opened_session(session.sync_session, core.config.track_session_origin)
-        return session
+        return core.new_async_session(core.async_class, options, overrides)
 
     async def run_transaction(
         self,
@@ -209,7 +205,8 @@ class SessionFactory(Generic[_AS]):
         while True:
             attempt += 1
             try:
-                async with AsyncBeginContext(self._session(options, {}), options) as session:
+                context = AsyncBeginContext(functools.partial(self._session, options, {}), options)
+                async with context as session:
                     result = await fn(session, *args)
             except Exception as exc:
                 if not policy.should_retry(exc, attempt):
@@ -330,8 +327,39 @@ class SessionFactory(Generic[_AS]):
                 await current.commit()
 
     def configure(self, **options: Any) -> None:
-        """Change session options for later sessions of this factory and its twin."""
-        self._core.configure(options)
+        """Change session options for later sessions of this factory and its twin.
+
+        As ``sessionmaker.configure()``: ``bind=`` (a URL, an ``AsyncEngine`` or an
+        ``AsyncConnection``) binds a factory made without one, before it first builds
+        an engine; ``binds={...}`` replaces the factory's binds.
+        """
+        self._core.configure(options, "async")
+
+    # sessionmaker's class methods ----------------------------------------------------
+
+    # As AsyncSession's own: object_session() answers the (sync) Session, like
+    # AsyncSession.object_session; sqlalchemy.ext.asyncio.async_object_session() gives
+    # the AsyncSession.
+    object_session = staticmethod(AsyncSession.object_session)
+    identity_key = staticmethod(AsyncSession.identity_key)
+
+    async def close_all(self) -> int:
+        """Close every open session this factory made in the running event loop.
+
+        For a graceful shutdown: sessions still in a transaction are rolled back and
+        their connections returned. Sessions holding a connection of another event
+        loop are left alone (they can only be closed in their own loop). Returns how
+        many sessions were closed. (SQLAlchemy 2.1 removed ``sessionmaker.close_all()``;
+        ``sqlalchemy.orm.close_all_sessions()`` closes every session of the process.)
+        """
+        closed = 0
+        for sync_session in open_sessions(self._core.sync_class):
+            session = AsyncSession._retrieve_proxy_for_target(sync_session, regenerate=False)
+            if session is None or not self._core.in_this_loop(sync_session):
+                continue
+            await session.close()
+            closed += 1
+        return closed
 
     # the database ------------------------------------------------------------------
 
@@ -341,6 +369,7 @@ class SessionFactory(Generic[_AS]):
         Raises ``DatabaseUnavailableError`` when the database cannot be reached or
         does not answer within ``timeout`` seconds.
         """
+        check_ping_timeout(timeout)
         engine = self._core.async_engine()
         started = time.perf_counter()
         try:
@@ -426,8 +455,17 @@ class SessionFactory(Generic[_AS]):
 
     @property
     def sync(self) -> SyncSessionFactory[Session]:
-        """The sync twin: same configuration, same session options, a sync engine."""
+        """The sync twin: same configuration, same session options, a sync engine.
+
+        A factory made on an ``AsyncConnection`` has none (``ConfigurationError``).
+        """
         if self._sync is None:
+            if self._core.connection is not None:
+                raise ConfigurationError(
+                    "this factory was made on an AsyncConnection, which sync code cannot "
+                    "use, so it has no sync twin; make a SyncSessionFactory on a "
+                    "Connection (or a URL) for sync code"
+                )
             from .sync import SyncSessionFactory
 
             self._sync = SyncSessionFactory._from_core(self._core)
@@ -458,21 +496,28 @@ class SessionFactory(Generic[_AS]):
         return self._core.sync_class
 
     def __repr__(self) -> str:
-        return self._core.describe("SessionFactory", self._core.config.class_, self.url)
+        return self._core.describe("SessionFactory", self._core.config.class_, self.config.url)
 
 
 class AsyncBeginContext(Generic[_AS]):
-    """What ``SessionFactory.begin()`` returns: ``async with`` yields the session."""
+    """What ``SessionFactory.begin()`` returns: ``async with`` yields the session.
 
-    __slots__ = ("_deadline", "_options", "_session", "_transaction")
+    The session is made when the block is entered, so a context that is never
+    entered leaves nothing behind (and is not counted as an open session).
+    """
 
-    def __init__(self, session: _AS, options: TransactionOptions | None = None) -> None:
-        self._session = session
+    __slots__ = ("_deadline", "_make_session", "_options", "_session", "_transaction")
+
+    def __init__(
+        self, make_session: Callable[[], _AS], options: TransactionOptions | None = None
+    ) -> None:
+        self._make_session = make_session
         self._options = options
         self._transaction: AsyncSessionTransaction | None = None
         self._deadline: asyncio.Timeout | None = None
 
     async def __aenter__(self) -> _AS:
+        self._session = self._make_session()
         try:
             if self._options is not None and self._options.timeout is not None:
                 self._deadline = asyncio.timeout(self._options.timeout)

@@ -17,13 +17,19 @@ from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
+
+from . import _sqla
 
 __all__ = [
     "Counters",
     "FactoryStats",
     "closed_session",
+    "connected_engine",
     "install",
+    "is_open",
+    "open_sessions",
     "opened_session",
     "report_leak",
 ]
@@ -34,6 +40,7 @@ logger = logging.getLogger("sessionforge.sessions")
 STATS: Final = "_sessionforge_stats"
 _OPEN: Final = "_sessionforge_counted_open"
 _CONNECTED: Final = "_sessionforge_connected_transaction"
+_ENGINE: Final = "_sessionforge_connected_engine"
 _COMMITTED: Final = "_sessionforge_committed_transaction"
 #: Where the session was made (a formatted stack), when ``track_session_origin`` is on.
 ORIGIN: Final = "_sessionforge_origin"
@@ -120,9 +127,10 @@ def _reopened(session: Session, transaction: SessionTransaction) -> None:
         _stats(session).opened(session)
 
 
-def _connected(session: Session, transaction: SessionTransaction, _connection: object) -> None:
+def _connected(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     if transaction.parent is None:
         setattr(session, _CONNECTED, transaction)
+        setattr(session, _ENGINE, connection.engine)
 
 
 def _committed(session: Session) -> None:
@@ -144,6 +152,24 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
 def holds_connection(session: Session) -> bool:
     """Whether ``session`` is in a transaction that reached the database."""
     return getattr(session, _CONNECTED, None) is not None
+
+
+def connected_engine(session: Session) -> Engine | None:
+    """The engine of the connection ``session`` holds, if it holds one."""
+    if getattr(session, _CONNECTED, None) is None:
+        return None
+    engine: Engine | None = getattr(session, _ENGINE, None)
+    return engine
+
+
+def is_open(session: Session) -> bool:
+    """Whether ``session`` was made (or used again) and not closed since."""
+    return bool(getattr(session, _OPEN, False))
+
+
+def open_sessions(session_class: type[Session]) -> list[Session]:
+    """The open sessions of ``session_class`` (or a subclass) in this process."""
+    return [s for s in _sqla.all_sessions() if isinstance(s, session_class) and is_open(s)]
 
 
 def report_leak(session: Session) -> None:

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, TypeVarTuple, cast, overload
 
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import dialects
 from .config import FactoryConfig, SyncFactoryOptions
-from .core import FactoryCore, FactoryStatus, resolve_target, unavailable
+from .core import FactoryCore, FactoryStatus, check_ping_timeout, resolve_target, unavailable
 from .engines import check_driver
 from .errors import TransactionTimeoutError
-from .stats import opened_session
+from .stats import open_sessions
 from .transactions import (
-    OPTIONS_ATTRIBUTE,
     RetryPolicy,
     RetryPredicate,
     TransactionOptions,
@@ -59,7 +61,7 @@ class SyncSessionFactory(Generic[_S]):
     @overload
     def __init__(
         self: SyncSessionFactory[Session],
-        target: str | URL | Engine | FactoryConfig,
+        target: str | URL | Engine | Connection | FactoryConfig | None = None,
         /,
         **options: Unpack[SyncFactoryOptions],
     ) -> None: ...
@@ -67,7 +69,7 @@ class SyncSessionFactory(Generic[_S]):
     @overload
     def __init__(
         self,
-        target: str | URL | Engine | FactoryConfig,
+        target: str | URL | Engine | Connection | FactoryConfig | None = None,
         /,
         *,
         sync_class_: type[_S],
@@ -76,7 +78,7 @@ class SyncSessionFactory(Generic[_S]):
 
     def __init__(
         self,
-        target: str | URL | Engine | FactoryConfig,
+        target: str | URL | Engine | Connection | FactoryConfig | None = None,
         /,
         *,
         sync_class_: type[_S] | None = None,
@@ -84,17 +86,15 @@ class SyncSessionFactory(Generic[_S]):
     ) -> None:
         if sync_class_ is not None:
             options["sync_class_"] = sync_class_
-        config, engine = resolve_target(
-            target, options, engine_type=Engine, factory="SyncSessionFactory"
-        )
-        if engine is None:
-            check_driver(config.sync_url, is_async=False)
-        self._core: FactoryCore[Any] = FactoryCore(config, sync_engine=engine)
+        resolved = resolve_target(target, options, twin="sync")
+        if resolved.engine is None and resolved.connection is None and resolved.config.url:
+            check_driver(resolved.config.sync_url, is_async=False)
+        self._core: FactoryCore[Any] = FactoryCore(resolved, twin="sync")
 
     @classmethod
     def _from_core(cls, core: FactoryCore[Any]) -> SyncSessionFactory[Session]:
         """The twin of an async factory: same core, driver checked now."""
-        if core.sync_engine_if_built is None:
+        if core.config.url is not None and core.sync_engine_if_built is None:
             check_driver(core.config.sync_url, is_async=False)
         twin: SyncSessionFactory[Session] = object.__new__(SyncSessionFactory)
         twin._core = core
@@ -103,10 +103,12 @@ class SyncSessionFactory(Generic[_S]):
     # making sessions ---------------------------------------------------------------
 
     def __call__(self, **overrides: Any) -> _S:
-        """Return a new session; ``overrides`` win over the factory's session options."""
+        """Return a new session; ``overrides`` win over the factory's session options.
+
+        ``binds={...}`` in ``overrides`` replaces the factory's binds for this session.
+        """
         core = self._core
-        session = core.sync_class(bind=core.sync_bind(None), **core.session_kwargs(overrides))
-        opened_session(session, core.config.track_session_origin)
+        session = core.new_sync_session(core.sync_class, None, overrides, require_bind=False)
         return cast("_S", session)
 
     def begin(
@@ -127,23 +129,19 @@ class SyncSessionFactory(Generic[_S]):
         statement by PostgreSQL's ``statement_timeout``).
         """
         options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
-        return SyncBeginContext(self._session(options, overrides), options)
+        if overrides:
+            self._core.session_kwargs(overrides, "sync")  # bad arguments fail here
+        return SyncBeginContext(functools.partial(self._session, options, overrides), options)
 
     def reader(self, **overrides: Any) -> _S:
         """A session for reads only, on an AUTOCOMMIT connection (see ``SessionFactory``)."""
         core = self._core
         options, _, reader_class = core.reader()
-        session = reader_class(bind=core.sync_bind(options), **core.session_kwargs(overrides))
-        opened_session(session, core.config.track_session_origin)
-        return cast("_S", session)
+        return cast("_S", core.new_sync_session(reader_class, options, overrides, reader=True))
 
     def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _S:
         core = self._core
-        session = core.sync_class(bind=core.sync_bind(options), **core.session_kwargs(overrides))
-        if options is not None:
-            setattr(session, OPTIONS_ATTRIBUTE, options)
-        opened_session(session, core.config.track_session_origin)
-        return cast("_S", session)
+        return cast("_S", core.new_sync_session(core.sync_class, options, overrides))
 
     def run_transaction(
         self,
@@ -168,7 +166,8 @@ class SyncSessionFactory(Generic[_S]):
         while True:
             attempt += 1
             try:
-                with SyncBeginContext(self._session(options, {}), options) as session:
+                context = SyncBeginContext(functools.partial(self._session, options, {}), options)
+                with context as session:
                     result = fn(session, *args)
             except Exception as exc:
                 if not policy.should_retry(exc, attempt):
@@ -266,26 +265,68 @@ class SyncSessionFactory(Generic[_S]):
                 session.commit()
 
     def configure(self, **options: Any) -> None:
-        """Change session options for later sessions of this factory and its twin."""
-        self._core.configure(options)
+        """Change session options for later sessions of this factory and its twin.
+
+        ``bind=`` (a URL, an ``Engine`` or a ``Connection``) and ``binds={...}`` as in
+        ``SessionFactory.configure()``.
+        """
+        self._core.configure(options, "sync")
+
+    # sessionmaker's class methods ----------------------------------------------------
+
+    object_session = staticmethod(Session.object_session)
+    identity_key = staticmethod(Session.identity_key)
+
+    def close_all(self) -> int:
+        """Close every open session this factory's sync twin made in this process.
+
+        Sessions of the async twin are left to ``await db.close_all()``. Returns how
+        many sessions were closed.
+        """
+        closed = 0
+        for session in open_sessions(self._core.sync_class):
+            if AsyncSession._retrieve_proxy_for_target(session, regenerate=False) is not None:
+                continue
+            session.close()
+            closed += 1
+        return closed
 
     # the database ------------------------------------------------------------------
 
-    def ping(self) -> float:
+    def ping(self, *, timeout: float = 10.0) -> float:
         """Check out a connection and make one round trip; return the seconds taken.
 
-        Raises ``DatabaseUnavailableError`` when the database cannot be reached. The
-        driver's own connect timeout applies (``sync_connect_args``).
+        Raises ``DatabaseUnavailableError`` when the database cannot be reached or
+        does not answer within ``timeout`` seconds. Sync I/O cannot be interrupted, so
+        the probe runs in a thread of its own and the caller stops waiting at the
+        deadline; a probe still hanging then finishes (or fails) in the background
+        and returns its connection to the pool.
         """
+        check_ping_timeout(timeout)
         engine = self._core.sync_engine()
         started = time.perf_counter()
+        outcome: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+
+        def probe() -> None:
+            try:
+                with engine.connect() as connection:
+                    # AUTOCOMMIT: one round trip, no BEGIN/ROLLBACK around the SELECT.
+                    connection.execution_options(isolation_level="AUTOCOMMIT")
+                    connection.exec_driver_sql("SELECT 1")
+            except BaseException as exc:  # handed to the caller below
+                outcome.put(exc)
+            else:
+                outcome.put(None)
+
+        threading.Thread(target=probe, name="sessionforge-ping", daemon=True).start()
         try:
-            with engine.connect() as connection:
-                # AUTOCOMMIT: one round trip, no BEGIN/ROLLBACK around the SELECT.
-                connection.execution_options(isolation_level="AUTOCOMMIT")
-                connection.exec_driver_sql("SELECT 1")
-        except (DBAPIError, OSError, TimeoutError) as exc:
-            raise unavailable(engine.url, exc, None) from exc
+            error = outcome.get(timeout=timeout)
+        except queue.Empty:
+            error = TimeoutError()
+        if isinstance(error, DBAPIError | OSError | TimeoutError):
+            raise unavailable(engine.url, error, timeout) from error
+        if error is not None:
+            raise error
         return time.perf_counter() - started
 
     def status(self) -> FactoryStatus:
@@ -342,21 +383,31 @@ class SyncSessionFactory(Generic[_S]):
 
     def __repr__(self) -> str:
         base = self._core.config.sync_class_ or self._core.config.class_.sync_session_class
-        return self._core.describe("SyncSessionFactory", base, self.url)
+        engine = self._core.sync_engine_if_built
+        url = engine.url if engine is not None else self._core.config.url
+        if url is not None and engine is None:
+            url = self._core.config.sync_url
+        return self._core.describe("SyncSessionFactory", base, url)
 
 
 class SyncBeginContext(Generic[_S]):
-    """What ``SyncSessionFactory.begin()`` returns: ``with`` yields the session."""
+    """What ``SyncSessionFactory.begin()`` returns: ``with`` yields the session.
 
-    __slots__ = ("_options", "_session", "_started", "_transaction")
+    The session is made when the block is entered (see ``AsyncBeginContext``).
+    """
 
-    def __init__(self, session: _S, options: TransactionOptions | None = None) -> None:
-        self._session = session
+    __slots__ = ("_make_session", "_options", "_session", "_started", "_transaction")
+
+    def __init__(
+        self, make_session: Callable[[], _S], options: TransactionOptions | None = None
+    ) -> None:
+        self._make_session = make_session
         self._options = options
         self._transaction: SessionTransaction | None = None
         self._started = 0.0
 
     def __enter__(self) -> _S:
+        self._session = self._make_session()
         try:
             self._started = time.monotonic()
             self._transaction = self._session.begin()
