@@ -244,9 +244,7 @@ def test_a_connection_of_the_wrong_kind_is_refused() -> None:
 
 
 @pytest.mark.parametrize("twin", TWINS)
-async def test_unbound_factory_then_configure_bind(
-    twin: str, db_url: str, models: Models
-) -> None:
+async def test_unbound_factory_then_configure_bind(twin: str, db_url: str, models: Models) -> None:
     factory: Any = SessionFactory() if twin == "async" else SyncSessionFactory()
     session = factory()
     assert session.bind is None  # as sessionmaker() makes them
@@ -436,3 +434,53 @@ def test_sync_session_class_is_the_factorys_own_subclass() -> None:
     assert isinstance(session, Mine)
     assert type(session) is not Mine
     assert issubclass(session.sync_session_class, Mine.sync_session_class)
+
+
+# --- isolated() and binds ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+async def test_isolated_isolates_the_factories_in_binds(
+    twin: str, db: SessionFactory[Any], other: SessionFactory[Any], models: Models
+) -> None:
+    from sessionforge.testing import isolated
+
+    routed = SessionFactory(db.config, binds={models.Counter: other})
+
+    def add(session: Any) -> None:
+        session.add(models.Item(name="rolled back"))
+        session.add(models.Counter(id=1, value=1))
+
+    try:
+        if twin == "async":
+            async with isolated(routed):
+                await enter_begin(routed, add)
+                async with routed() as session:
+                    assert len((await session.scalars(select(models.Counter))).all()) == 1
+        else:
+            with isolated(routed.sync):
+                await enter_begin(routed.sync, add)
+                with routed.sync() as session:
+                    assert len(session.scalars(select(models.Counter)).all()) == 1
+        assert rows(db, models.item) == 0
+        assert rows(other, models.counter) == 0
+        assert other.status().checked_out == 0
+        assert other._core.isolation is None  # left with the block
+    finally:
+        await routed.dispose()
+
+
+async def test_isolated_refuses_an_engine_in_binds(tmp_path: Path, models: Models) -> None:
+    from sessionforge.testing import isolated
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    db = SessionFactory(f"sqlite:///{tmp_path / 'db.db'}", binds={models.Item: engine})
+    try:
+        with pytest.raises(ConfigurationError, match=r"binds\[Item\] is not a factory"):
+            async with isolated(db):
+                pass
+        assert db._core.isolation is None
+        assert db.status().checked_out == 0
+    finally:
+        await db.dispose()
+        await engine.dispose()

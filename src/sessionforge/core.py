@@ -51,6 +51,7 @@ from .transactions import (
 )
 
 __all__ = [
+    "FactoryBind",
     "FactoryCore",
     "FactoryStatus",
     "IsolatedConnection",
@@ -66,8 +67,17 @@ _S = TypeVar("_S", bound=Session)
 
 Twin: TypeAlias = Literal["async", "sync"]
 #: What a ``binds={key: target}`` entry resolves to once validated: a database target,
-#: or the core of another sessionforge factory (its engine is looked up per session).
-BindTarget: TypeAlias = "AsyncEngine | Engine | AsyncConnection | Connection | FactoryCore[Any]"
+#: or another sessionforge factory (its engine is looked up per session).
+BindTarget: TypeAlias = "AsyncEngine | Engine | AsyncConnection | Connection | FactoryBind"
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryBind:
+    """A ``binds`` target that is a sessionforge factory (either twin) and its core."""
+
+    factory: Any  # SessionFactory | SyncSessionFactory (they import this module)
+    core: FactoryCore[Any]
+
 
 # configure() takes these as config fields; any other session argument goes to
 # session_options.
@@ -686,7 +696,7 @@ def check_binds(binds: object, *, twin: Twin) -> dict[Any, BindTarget]:
                 )
         name = _bind_name(key)
         if isinstance(target, SessionFactory | SyncSessionFactory):
-            checked[key] = target._core
+            checked[key] = FactoryBind(target, target._core)
         elif isinstance(target, AsyncEngine | Engine | AsyncConnection | Connection):
             _check_target_twin(target, twin, f"binds[{name}]")
             checked[key] = target
@@ -702,8 +712,9 @@ def resolve_binds(binds: Mapping[Any, BindTarget], twin: Twin) -> dict[Any, Any]
     """The ``binds`` argument for one session of ``twin``: factories' engines looked up now."""
     resolved: dict[Any, Any] = {}
     for key, target in binds.items():
-        if isinstance(target, FactoryCore):
-            bind = target.async_bind(None) if twin == "async" else target.sync_bind(None)
+        if isinstance(target, FactoryBind):
+            core = target.core
+            bind = core.async_bind(None) if twin == "async" else core.sync_bind(None)
             if bind is None:
                 raise ConfigurationError(
                     f"binds[{_bind_name(key)}] is a factory made without a database; bind "

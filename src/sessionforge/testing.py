@@ -60,7 +60,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.util import await_
 
 from ._sqla import in_greenlet
-from .core import FactoryCore, IsolatedConnection
+from .core import FactoryBind, FactoryCore, IsolatedConnection
 from .errors import ConfigurationError, SessionClosedError
 from .factory import SessionFactory
 from .hooks import CAPTURE_KEY, Hook
@@ -107,6 +107,11 @@ def isolated(
     Leave the block after the sessions made in it are closed and the tasks and threads
     using them are done: sessions still open are rolled back with the test, refuse any
     later use with ``SessionClosedError``, and are counted in a ``RuntimeWarning``.
+
+    Factories in ``db``'s ``binds`` (``binds={Audit: audit_db}``) are isolated with it,
+    unless they are isolated already; an engine or connection in ``binds`` cannot be
+    rolled back for the test and is refused with ``ConfigurationError`` (bind a
+    factory instead). Binds given per call (``db(binds=...)``) are not isolated.
     """
     if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float):
         raise ConfigurationError(f"lock_timeout={lock_timeout!r} is invalid: expected seconds")
@@ -139,6 +144,31 @@ class _Isolation:
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         #: On-commit hooks of sessions that committed, not run yet, oldest first.
         self.hooks: list[Hook] = []
+        #: Isolations of the factories in ``binds``, entered and left with this one.
+        self._targets: list[AsyncIsolation[Any] | SyncIsolation[Any]] = []
+        self._lock_timeout = lock_timeout
+
+    def _isolate_targets(self) -> None:
+        """Isolate the factories this one's ``binds`` route to (see ``isolated``)."""
+        twin = "async" if isinstance(self, AsyncIsolation) else "sync"
+        try:
+            for key, target in self._core.binds.items():
+                isolation = _target_isolation(
+                    key, target, twin, self._core, self._run_hooks, self._lock_timeout
+                )
+                if isolation is None:
+                    continue
+                isolation.__enter__()
+                self._targets.append(isolation)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _leave_targets(self) -> int:
+        left_open = 0
+        while self._targets:
+            left_open += self._targets.pop()._leave()
+        return left_open
 
     def _route(
         self, connection: AsyncConnection | Connection, sync_connection: Connection
@@ -282,6 +312,36 @@ _WHAT_TO_DO: Final = (
     "; close sessions, and await the tasks (join the threads) that use them, before the "
     "isolated() block ends"
 )
+
+
+def _target_isolation(
+    key: object,
+    target: object,
+    twin: str,
+    core: FactoryCore[Any],
+    run_hooks: bool,
+    lock_timeout: float,
+) -> AsyncIsolation[Any] | SyncIsolation[Any] | None:
+    """The isolation for one ``binds`` target, or ``None`` when it needs none."""
+    name = getattr(key, "__name__", None) or repr(getattr(key, "name", key))
+    if not isinstance(target, FactoryBind):
+        raise ConfigurationError(
+            f"binds[{name}] is not a factory but a {type(target).__name__}, whose writes "
+            "isolated() cannot roll back; bind a SessionFactory for it instead "
+            "(binds={...: SessionFactory(url)}), which isolated() isolates too"
+        )
+    if target.core is core or target.core.isolation is not None:
+        return None  # the factory itself, or one the test isolated already
+    factory = target.factory
+    if twin == "sync":
+        sync = factory.sync if isinstance(factory, SessionFactory) else factory
+        return SyncIsolation(sync, run_hooks=run_hooks, lock_timeout=lock_timeout)
+    if not isinstance(factory, SessionFactory):
+        raise ConfigurationError(
+            f"binds[{name}] is a SyncSessionFactory, which async sessions cannot use in "
+            "isolated(); bind its SessionFactory instead"
+        )
+    return AsyncIsolation(factory, run_hooks=run_hooks, lock_timeout=lock_timeout)
 
 
 def _refuse_from_now_on(session: Session, reason: str) -> None:
@@ -430,13 +490,15 @@ class AsyncIsolation(_Isolation, Generic[_AS]):
             self._home = None
             raise
         self._started(connection)
+        self._isolate_targets()
         return self
 
     def _leave(self) -> int:
         home, connection = self._home, self._connection
         if home is None or connection is None:
             return 0
-        left_open = self._stop()
+        left_open = self._leave_targets()
+        left_open += self._stop()
         try:
             self._unroute()
         finally:
@@ -511,14 +573,16 @@ class SyncIsolation(_Isolation, Generic[_S]):
             connection.close()
             raise
         self._connection = connection
+        self._isolate_targets()
         return self
 
     def _leave(self) -> int:
         connection = self._connection
         if connection is None:
             return 0
+        left_open = self._leave_targets()
         self._connection = None
-        left_open = self._stop()
+        left_open += self._stop()
         try:
             self._unroute()
         finally:
