@@ -4,6 +4,10 @@ The liveness policy replaces ``pool_pre_ping``: a pooled connection is pinged at
 checkout only when it sat idle in the pool for longer than ``ping_after`` seconds, so a
 busy pool pays nothing, and a connection that failed its ping is replaced before the
 caller sees it (SQLAlchemy retries the checkout with a fresh connection).
+
+An invalidated connection gets ``INVALIDATION_GRACE`` seconds to close gracefully
+(asyncpg: deliver a pending cancel request, say goodbye), then is dropped: a hung
+server must not hold up the caller, nor ``begin(timeout=)`` miss its deadline (issue 11).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ __all__ = [
 ]
 
 _LAST_CHECKIN: Final = "sessionforge_last_checkin"
+
+#: Seconds an invalidated asyncpg connection may take to close gracefully (SQLAlchemy
+#: 2.1.9 waits up to 2 s). On loopback or a LAN the cancel request and the goodbye take
+#: milliseconds; a server that has not answered by then is treated as hung.
+INVALIDATION_GRACE: Final = 0.25
 
 
 def check_driver(url: URL, *, is_async: bool) -> None:
@@ -91,6 +100,25 @@ def _prepare(engine: Engine, config: FactoryConfig) -> None:
     dialects.apply_presets(engine, config)
     if config.ping_after is not None and dialects.needs_liveness_check(engine.url):
         install_liveness_policy(engine, config.ping_after)
+    install_invalidation_grace(engine)
+
+
+def install_invalidation_grace(engine: Engine, grace: float = INVALIDATION_GRACE) -> None:
+    """Give an invalidated connection ``grace`` seconds to close, then drop it.
+
+    SQLAlchemy invalidates a connection whose statement was cancelled (a deadline, a
+    cancelled task) and closes it with a graceful wait of its own, inside the
+    cancelled caller. Only asyncpg's wait is bounded here (see ``_sqla.close_within``).
+    """
+    if engine.dialect.driver != "asyncpg":
+        return
+
+    def on_invalidate(
+        dbapi_connection: Any, _record: ConnectionPoolEntry, _exception: BaseException | None
+    ) -> None:
+        _sqla.close_within(engine.dialect, dbapi_connection, grace)
+
+    event.listen(engine, "invalidate", on_invalidate)
 
 
 def install_liveness_policy(engine: Engine, ping_after: float) -> None:
