@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from sessionforge import (
@@ -17,6 +17,13 @@ from sessionforge import (
     SessionFactory,
     SyncSessionFactory,
 )
+
+
+def url_of(config: FactoryConfig) -> URL:
+    """``config.url``, which a config made without a target does not have."""
+    assert config.url is not None
+    return config.url
+
 
 # --- URL rules ------------------------------------------------------------------------
 
@@ -44,15 +51,15 @@ def test_url_normalisation(given: str, async_driver: str, sync_driver: str) -> N
     config = FactoryConfig.from_url(given)
     assert config.async_url.drivername == async_driver
     assert config.sync_url.drivername == sync_driver
-    assert config.url.database == make_url(given).database
+    assert url_of(config).database == make_url(given).database
 
 
 @pytest.mark.parametrize("given", ["sqlite://", "sqlite:///:memory:", "sqlite+aiosqlite://"])
 def test_memory_sqlite_gets_one_shared_name_per_config(given: str) -> None:
     first, second = FactoryConfig.from_url(given), FactoryConfig.from_url(given)
-    assert first.url.query == {"mode": "memory", "cache": "shared", "uri": "true"}
-    assert first.url.database != second.url.database
-    assert first.sync_url.database == first.url.database
+    assert url_of(first).query == {"mode": "memory", "cache": "shared", "uri": "true"}
+    assert url_of(first).database != url_of(second).database
+    assert first.sync_url.database == url_of(first).database
 
 
 def test_sqlalchemy_url_objects_are_accepted() -> None:
@@ -69,7 +76,7 @@ def test_from_env_reads_the_variable_and_falls_back_to_embedded_sqlite(
     assert default.url.database == "sessionforge.db"
 
     monkeypatch.setenv("DATABASE_URL", "postgres://app@db/shop")
-    assert FactoryConfig.from_env().url.drivername == "postgresql+asyncpg"
+    assert url_of(FactoryConfig.from_env()).drivername == "postgresql+asyncpg"
     monkeypatch.setenv("APP_DB", "sqlite:///other.db")
     assert FactoryConfig.from_env("APP_DB", pool_size=2).pool_size == 2
 
@@ -335,7 +342,7 @@ PG = "postgresql://app@db.invalid/shop"
 def test_ports_outside_1_to_65535_are_refused_when_the_config_is_made(url: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"the port .* is not a number from 1 to 65535"):
         FactoryConfig.from_url(url)
-    assert FactoryConfig.from_url("postgresql://u@h:65535/db").url.port == 65535
+    assert url_of(FactoryConfig.from_url("postgresql://u@h:65535/db")).port == 65535
 
 
 @pytest.mark.parametrize(
@@ -409,7 +416,7 @@ def test_seconds_and_counts_refuse_nan_inf_bool_and_none_where_not_allowed(
 def test_none_for_sqlite_busy_timeout_fails_at_construction_not_engine_build() -> None:
     # Before: accepted, then a TypeError from round(None * 1000) when the engine was built.
     with pytest.raises(ConfigurationError, match=r"a number of seconds from 0 to 2147483\.647$"):
-        SessionFactory("sqlite://", sqlite_busy_timeout=None)  # type: ignore[arg-type]
+        SessionFactory("sqlite://", sqlite_busy_timeout=None)  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize(
@@ -428,7 +435,8 @@ def test_none_for_sqlite_busy_timeout_fails_at_construction_not_engine_build() -
 )
 def test_sqlalchemy_names_point_to_where_they_go(name: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=f"unknown option '{name}': .*{message}"):
-        SessionFactory("sqlite://", **{name: True})
+        options: dict[str, Any] = {name: True}
+        FactoryConfig.from_url("sqlite://", **options)
 
 
 def test_unknown_option_messages_end_their_sentence() -> None:
@@ -463,7 +471,7 @@ def test_options_of_another_dialect_left_at_their_defaults_are_fine(
     FactoryConfig.from_url("sqlite://", pgbouncer=False, application_name=None)
     # replace(url=...) checks only what it changes: the SQLite options stay, unused.
     moved = FactoryConfig.from_url("sqlite://", sqlite_busy_timeout=1).replace(url=PG)
-    assert (moved.url.get_backend_name(), moved.sqlite_busy_timeout) == ("postgresql", 1)
+    assert (url_of(moved).get_backend_name(), moved.sqlite_busy_timeout) == ("postgresql", 1)
     with pytest.raises(ConfigurationError, match="pgbouncer= is for PostgreSQL"):
         FactoryConfig.from_url("sqlite://").replace(pgbouncer=True)
     monkeypatch.delenv("DATABASE_URL", raising=False)
@@ -485,6 +493,60 @@ def test_the_engine_level_read_uncommitted_is_passed_as_asyncpg_accepts_it() -> 
     psycopg = FactoryConfig.from_url(
         "postgresql+psycopg://h/d", isolation_level="READ UNCOMMITTED"
     )
-    assert dialects.engine_kwargs(psycopg, psycopg.url, is_async=True)["isolation_level"] == (
+    assert dialects.engine_kwargs(psycopg, url_of(psycopg), is_async=True)["isolation_level"] == (
         "READ UNCOMMITTED"  # psycopg takes it as it is
     )
+
+
+# --- found by tests/test_properties.py ----------------------------------------------------
+
+
+def test_text_that_is_not_valid_unicode_in_a_url_is_refused() -> None:
+    # Before: a UnicodeEncodeError from repr(db) (the URL could not be rendered).
+    with pytest.raises(ConfigurationError, match="not valid Unicode"):
+        SessionFactory("postgresql://127.0.0.1/\ud800")
+
+
+def test_a_slash_in_the_user_name_does_not_put_the_password_in_the_database_name() -> None:
+    # Before: host "a", database "b:s3cret@h/db", shown by every repr.
+    with pytest.raises(ConfigurationError, match="percent-encode") as raised:
+        SessionFactory("postgresql://a/b:s3cret@h/db")
+    assert "s3cret" not in str(raised.value)
+
+
+def test_a_secret_key_inside_another_value_is_masked() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        SessionFactory("://127.0.0.1/0=?password=s3cret")
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # Before: SQLAlchemy's "Invalid SQLite URL: <the URL, password and all>".
+        pytest.param("sqlite://127.0.0.1/db?password=s3cret", "names a file", id="host"),
+        # Before: an SAWarning when the engine was built, and the parameter ignored.
+        pytest.param("sqlite:///db?mode=ro", r"'mode' are SQLite URI .*uri=true", id="no-uri"),
+        # Before: a bare ValueError when the engine was built.
+        pytest.param("sqlite:///db?timeout=abc", r"timeout= must be one float", id="timeout"),
+    ],
+)
+def test_sqlite_urls_are_checked_as_the_driver_would(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        SessionFactory(url)
+    assert "s3cret" not in str(raised.value)
+    assert SessionFactory("sqlite:///file:db?mode=ro&uri=true&timeout=2").url.query["mode"] == "ro"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"sqlite_journal_mode": {"password": "s3cret"}}, id="dict"),
+        pytest.param({"echo": "postgresql://u:s3cret@h/db"}, id="dsn"),
+        pytest.param({"sqlite_begin": ["s3cret"]}, id="list"),
+    ],
+)
+def test_ill_typed_values_are_shown_masked(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="is invalid") as raised:
+        FactoryConfig.from_url("sqlite://", **options)
+    assert "s3cret" not in str(raised.value)

@@ -745,3 +745,18 @@ async def test_read_uncommitted_on_postgres_runs_as_read_committed_and_leaks_not
         assert engine_level.status().checked_out == 0
     finally:
         await engine_level.dispose()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"readonly": {"password": "s3cret"}}, id="readonly"),
+        pytest.param({"isolation_level": {"password": "s3cret"}}, id="isolation_level"),
+        pytest.param({"timeout": "postgresql://u:s3cret@h/db"}, id="timeout"),
+    ],
+)
+def test_ill_typed_transaction_options_are_not_echoed(options: dict[str, Any]) -> None:
+    # Found by tests/test_properties.py: the values were shown with repr().
+    with pytest.raises(ConfigurationError, match="is invalid") as raised:
+        SessionFactory("sqlite://").begin(**options)
+    assert "s3cret" not in str(raised.value)

@@ -35,9 +35,10 @@ DEFAULT_URL: Final = "sqlite+aiosqlite:///sessionforge.db"
 DEFAULT_PING_AFTER: Final = 1.0
 
 _SECRET_KEY = re.compile(r"pass|secret|token|key|credential|dsn", re.IGNORECASE)
-# "key=value" pairs in a string that did not parse: a query string, or a libpq
-# keyword DSN ("host=db password=..."); the value ends at the next separator.
-_KEY_VALUE = re.compile(r"(?P<key>[\w.%-]+)(?P<eq>\s*=\s*)(?P<value>'[^']*'|[^&;\s]*)")
+# "key=" in a string that did not parse: a query string, or a libpq keyword DSN
+# ("host=db password=..."); a secret's value ends at the next separator.
+_KEY = re.compile(r"(?P<key>[\w.%-]+)\s*=\s*")
+_VALUE = re.compile(r"'[^']*'|[^&;\s]*")
 
 
 class _CommonOptions(TypedDict, total=False):
@@ -131,17 +132,22 @@ def mask_url(url: URL | str) -> str:
         secret = {key: "***" for key in url.query if _SECRET_KEY.search(key)}
         if secret:
             url = url.update_query_dict(secret)
-        return url.render_as_string(hide_password=True)
+        try:
+            return url.render_as_string(hide_password=True)
+        except UnicodeEncodeError:  # a lone surrogate cannot be percent-encoded
+            return f"{url.drivername}://(a URL with text that is not valid Unicode)"
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
         url = f"{scheme}://***@{rest.rpartition('@')[2]}"
-    return _KEY_VALUE.sub(_mask_secret_value, url)
-
-
-def _mask_secret_value(match: re.Match[str]) -> str:
-    if not _SECRET_KEY.search(unquote(match["key"])):
-        return match[0]
-    return f"{match['key']}{match['eq']}***"
+    # Every "key=" is looked at, also one inside another key's value ("db=?password=").
+    parts, shown_to = [], 0
+    for match in _KEY.finditer(url):
+        if match.start() < shown_to or not _SECRET_KEY.search(unquote(match["key"])):
+            continue
+        value = _VALUE.match(url, match.end())
+        parts += [url[shown_to : match.end()], "***"]
+        shown_to = value.end() if value else match.end()
+    return "".join(parts) + url[shown_to:]
 
 
 def mask_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,6 +211,7 @@ def parse_url(raw: str | URL) -> URL:
             f"({type(exc).__name__}); check the dialect and driver names and that the "
             "driver's package is installed"
         ) from None
+    dialects.check_url(url)
     if dialects.is_sqlite(url):
         url = dialects.normalise_memory_sqlite(url)
     return url
@@ -246,20 +253,31 @@ def _check_url_parts(url: URL) -> None:
         )
     if url.port is not None and not 0 < url.port <= _MAX_PORT:
         raise _port_error(url.port, mask_url(url))
-    if url.password is not None and "\x00" in str(url.password):
+    if url.password is not None and not _sendable(str(url.password)):
         raise ConfigurationError(
-            "the password of the database URL contains a NUL character, which no driver "
-            "can send; check how the URL is built"
+            "the password of the database URL contains a NUL character or text that is "
+            "not valid Unicode, which no driver can send; check how the URL is built"
         )
     parts = {"user name": url.username, "host": url.host, "database": url.database}
     for key, values in url.query.items():
         parts[f"query parameter {key!r}"] = "".join((key, *_as_tuple(values)))
     for part, value in parts.items():
-        if value is not None and "\x00" in value:
+        if value is not None and not _sendable(value):
             raise ConfigurationError(
                 f"the {part} of the database URL {mask_url(url)!r} contains a NUL "
-                "character, which no driver can send; remove it"
+                "character or text that is not valid Unicode (a lone surrogate), which no "
+                "driver can send; remove it"
             )
+
+
+def _sendable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_tuple(values: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -277,6 +295,15 @@ def _check_unencoded_at(raw: str) -> None:
             f"the database URL for user {user!r} has more than one '@' before the host: "
             "percent-encode an '@' in the password as %40 "
             "(urllib.parse.quote_plus(password))"
+        )
+    # "u/x:pw@host": SQLAlchemy's user name stops at the "/", so it reads host "u" and
+    # database "x:pw@host", and the password would be shown as part of the database.
+    head, slash, tail = rest.partition("/")
+    if sep and slash and head and not set(":@") & set(head) and ":" in tail.rpartition("@")[0]:
+        raise ConfigurationError(
+            f"the database URL {mask_url(raw)!r} has a '/' inside what looks like its "
+            "user name and password: percent-encode them (urllib.parse.quote_plus), or "
+            "part of the password would be read as the database name"
         )
 
 
@@ -393,9 +420,20 @@ def safe_repr(value: object) -> str:
     return shown if len(shown) <= 80 else f"{shown[:60]}...{shown[-10:]}"
 
 
+def shown_value(value: object) -> str:
+    """``value`` for an error message: secrets masked as reprs mask them, short."""
+    if isinstance(value, Mapping):
+        return safe_repr(mask_mapping(value))
+    if isinstance(value, str):
+        return safe_repr(mask_url(value))
+    if value is None or isinstance(value, int | float | type):
+        return safe_repr(value)
+    return "..."  # a list or an object: it may hold anything
+
+
 def _ill_typed(name: str, value: Any, expected: str) -> ConfigurationError:
     # Connection arguments may carry credentials: never echo them.
-    shown = "..." if name in _MAY_HOLD_SECRETS or _SECRET_KEY.search(name) else safe_repr(value)
+    shown = "..." if name in _MAY_HOLD_SECRETS or _SECRET_KEY.search(name) else shown_value(value)
     return ConfigurationError(
         f"option {name}={shown} ({type(value).__name__}) is invalid: expected {expected}"
     )
@@ -510,8 +548,8 @@ class FactoryConfig:
     def from_url(
         cls,
         url: str | URL,
-        *,
         /,
+        *,
         class_: type[AsyncSession] = AsyncSession,
         **options: Unpack[FactoryOptions],
     ) -> FactoryConfig:
@@ -647,19 +685,6 @@ class FactoryConfig:
                 )
             check_session_argument(key, allowed)
 
-    def _check_memory_pool(self) -> None:
-        if not dialects.is_memory_sqlite(self.url):
-            return
-        if (self.pool_size or 1) > 1 or (self.max_overflow or 0) != 0:
-            raise ConfigurationError(
-                "an in-memory SQLite database lives in one connection, so pool_size and "
-                "max_overflow cannot be set for it; use a SQLite file for a pool"
-            )
-
-
-_FIELD_NAMES: Final = frozenset(f.name for f in dataclasses.fields(FactoryConfig))
-
-
     def _check_dialect_options(self, given: Mapping[str, Any]) -> None:
         backend = self.url.get_backend_name()
         for name in given:
@@ -672,6 +697,24 @@ _FIELD_NAMES: Final = frozenset(f.name for f in dataclasses.fields(FactoryConfig
                 f"for this database (pass it only when the URL is {owner}://...)"
             )
 
+    def _check_memory_pool(self) -> None:
+        if not dialects.is_memory_sqlite(self.url):
+            return
+        if (self.pool_size or 1) > 1 or (self.max_overflow or 0) != 0:
+            raise ConfigurationError(
+                "an in-memory SQLite database lives in one connection, so pool_size and "
+                "max_overflow cannot be set for it; use a SQLite file for a pool"
+            )
+
+
+_FIELD_NAMES: Final = frozenset(f.name for f in dataclasses.fields(FactoryConfig))
+_DEFAULTS: Final[Mapping[str, Any]] = {
+    f.name: f.default
+    for f in dataclasses.fields(FactoryConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
 def check_option_names(options: Mapping[str, Any], allowed: frozenset[str] | None = None) -> None:
     """Raise ``ConfigurationError`` for the first name that is not a known option."""
     known = allowed if allowed is not None else _FIELD_NAMES - {"url", "class_"}
@@ -683,13 +726,11 @@ def check_option_names(options: Mapping[str, Any], allowed: frozenset[str] | Non
                 f"{name} is set by the factory from its URL; "
                 "create another SessionFactory for another database"
             )
+        elsewhere = _elsewhere(name, known)
+        if elsewhere is not None:
+            raise ConfigurationError(f"unknown option {name!r}: {elsewhere}")
         hint = difflib.get_close_matches(name, sorted(known), n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else "."
-_DEFAULTS: Final[Mapping[str, Any]] = {
-    f.name: f.default
-    for f in dataclasses.fields(FactoryConfig)
-    if f.default is not dataclasses.MISSING
-}
         raise ConfigurationError(
             f"unknown option {name!r}{did_you_mean} Options are listed in "
             "FactoryOptions; anything else for the engine goes in engine_options={...}, "
@@ -697,24 +738,6 @@ _DEFAULTS: Final[Mapping[str, Any]] = {
         )
 
 
-def session_argument_names(*classes: type) -> frozenset[str]:
-    """Keyword arguments the session classes' constructors accept, factory-owned aside."""
-    names: set[str] = set()
-    for cls in classes:
-        for parameter in inspect.signature(cls).parameters.values():
-            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-        elsewhere = _elsewhere(name, known)
-        if elsewhere is not None:
-            raise ConfigurationError(f"unknown option {name!r}: {elsewhere}")
-                names.add(parameter.name)
-    return frozenset(names - _FACTORY_OWNED - {"self"})
-
-
-def check_session_argument(name: str, allowed: frozenset[str]) -> None:
-    """Raise ``ConfigurationError`` unless ``name`` is a session keyword argument."""
-    if name in allowed:
-        return
-    if name in _FACTORY_OWNED:
 _TO_ENGINE_OPTIONS: Final = "a create_engine() argument: pass engine_options={{{name!r}: ...}}"
 # What users of SQLAlchemy (or of a factory's other methods) try first, and where it
 # goes instead; names SQLAlchemy's create_engine() takes that are not options here.
@@ -797,6 +820,21 @@ def _elsewhere(name: str, known: frozenset[str]) -> str | None:
     return None
 
 
+def session_argument_names(*classes: type) -> frozenset[str]:
+    """Keyword arguments the session classes' constructors accept, factory-owned aside."""
+    names: set[str] = set()
+    for cls in classes:
+        for parameter in inspect.signature(cls).parameters.values():
+            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                names.add(parameter.name)
+    return frozenset(names - _FACTORY_OWNED - {"self"})
+
+
+def check_session_argument(name: str, allowed: frozenset[str]) -> None:
+    """Raise ``ConfigurationError`` unless ``name`` is a session keyword argument."""
+    if name in allowed:
+        return
+    if name in _FACTORY_OWNED:
         raise ConfigurationError(
             f"{name} is set by the factory and cannot be passed to a session; "
             "create another SessionFactory for another database or session class"

@@ -208,7 +208,8 @@ def check_isolation_level(url: URL, level: str) -> str:
 
     if not isinstance(level, str):
         raise ConfigurationError(
-            f"isolation_level={level!r} ({type(level).__name__}) is invalid: expected a string"
+            f"isolation_level of type {type(level).__name__} is invalid: expected a string "
+            "such as 'SERIALIZABLE'"
         )
     normalised = level.upper().replace("_", " ").strip()
     supported = isolation_levels(url.get_backend_name())
@@ -224,6 +225,64 @@ def driver_isolation_level(url: URL, level: str) -> str:
     """The level to hand SQLAlchemy for ``level`` (normalised) on ``url``'s driver."""
     aliases = _DRIVER_LEVELS.get((url.get_backend_name(), url.get_driver_name()), {})
     return aliases.get(level, level)
+
+
+# Query parameters SQLAlchemy's pysqlite dialect (aiosqlite's and ours alike) gives
+# the driver, converted when the engine is built; any other one is a SQLite URI
+# parameter, passed on only with uri=true and otherwise ignored with a warning.
+_SQLITE_DRIVER_QUERY: Final[Mapping[str, str]] = {
+    "uri": "bool",
+    "timeout": "float",
+    "isolation_level": "str",
+    "detect_types": "int",
+    "check_same_thread": "bool",
+    "cached_statements": "int",
+}
+_BOOLS: Final = frozenset(
+    {"true", "yes", "on", "y", "t", "1", "false", "no", "off", "n", "f", "0"}
+)
+
+
+def check_url(url: URL) -> None:
+    """Refuse what ``url``'s dialect would refuse (or ignore) when the engine is built."""
+    from .errors import ConfigurationError
+
+    if not is_sqlite(url):
+        return
+    if url.username or url.password or url.host or url.port:
+        raise ConfigurationError(
+            "a SQLite URL names a file, not a server: it has no user, password, host or "
+            "port; write sqlite:///relative/app.db, sqlite:////absolute/app.db or "
+            "sqlite:// for an in-memory database"
+        )
+    for key, kind in _SQLITE_DRIVER_QUERY.items():
+        if key in url.query and not _is_query_value(url.query[key], kind):
+            raise ConfigurationError(
+                f"the SQLite URL's query parameter {key}= must be one {kind} value"
+                + (" (true or false)" if kind == "bool" else "")
+            )
+    uri = str(url.query.get("uri", "false")).lower() in ("true", "yes", "on", "y", "t", "1")
+    others = sorted(set(url.query) - set(_SQLITE_DRIVER_QUERY))
+    if others and not uri:
+        raise ConfigurationError(
+            f"the SQLite URL's query parameter(s) {', '.join(map(repr, others))} are SQLite "
+            "URI parameters, which apply only with uri=true in the URL "
+            "(sqlite:///file:app.db?mode=ro&uri=true); without it they are ignored"
+        )
+
+
+def _is_query_value(value: str | tuple[str, ...], kind: str) -> bool:
+    if not isinstance(value, str):
+        return False  # given twice
+    if kind == "bool":
+        return value.lower() in _BOOLS
+    if kind == "str":
+        return True
+    try:
+        number = int(value) if kind == "int" else float(value)
+    except ValueError:
+        return False
+    return math.isfinite(number)
 
 
 def is_sqlite(url: URL) -> bool:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import dialects
-from .config import finite_seconds, safe_repr
+from .config import finite_seconds, shown_value
 from .errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
 
 __all__ = [
@@ -66,7 +66,7 @@ def transaction_options(
     """
     if type(readonly) is not bool:
         raise ConfigurationError(
-            f"readonly={safe_repr(readonly)} ({type(readonly).__name__}) is invalid: "
+            f"readonly={shown_value(readonly)} ({type(readonly).__name__}) is invalid: "
             "expected True or False"
         )
     if settings is not None and not isinstance(settings, Mapping):
@@ -79,7 +79,7 @@ def transaction_options(
     seconds = None if timeout is None else finite_seconds(timeout)
     if timeout is not None and (seconds is None or not 0 < seconds <= dialects.MAX_SECONDS):
         raise ConfigurationError(
-            f"timeout={safe_repr(timeout)} ({type(timeout).__name__}) is invalid: expected "
+            f"timeout={shown_value(timeout)} ({type(timeout).__name__}) is invalid: expected "
             f"seconds > 0 and at most {dialects.MAX_SECONDS:.10g} (about 24.8 days), or None"
         )
     level = (
@@ -159,12 +159,12 @@ class RetryPolicy:
     def build(cls, retries: int, backoff: float, retry_if: RetryPredicate | None) -> RetryPolicy:
         if type(retries) is not int or retries < 0:
             raise ConfigurationError(
-                f"retries={safe_repr(retries)} is invalid: expected an int >= 0"
+                f"retries={shown_value(retries)} is invalid: expected an int >= 0"
             )
         seconds = finite_seconds(backoff)
         if seconds is None or seconds < 0:
             raise ConfigurationError(
-                f"backoff={safe_repr(backoff)} is invalid: expected seconds >= 0"
+                f"backoff={shown_value(backoff)} is invalid: expected seconds >= 0"
             )
         if retry_if is not None and not callable(retry_if):
             raise ConfigurationError("retry_if must be a callable taking the exception")
