@@ -46,7 +46,7 @@ Maker = Callable[..., SessionFactory[Any]]
 
 
 @pytest.fixture
-async def make_db(server: PostgresServer, request: pytest.FixtureRequest) -> AsyncIterator[Maker]:
+async def make_db(server: PostgresServer) -> AsyncIterator[Maker]:
     """Factories on the private server, each with a table ``item``; disposed after."""
     made: list[SessionFactory[Any]] = []
 
@@ -283,9 +283,11 @@ def test_sync_twin_waits_for_a_hung_server(server: PostgresServer) -> None:
         thread.start()
         thread.join(TIMEOUT + 0.5)
         assert thread.is_alive()  # still waiting, past the deadline
+        server.resume()
+        thread.join(5)
+        assert isinstance(outcome[0], TransactionTimeoutError)
+        assert db.sync.status().checked_out == 0
     finally:
         server.resume()
         thread.join(5)
-    assert isinstance(outcome[0], TransactionTimeoutError)
-    assert db.sync.status().checked_out == 0
-    db.sync.dispose()
+        db.sync.dispose()
