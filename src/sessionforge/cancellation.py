@@ -30,7 +30,7 @@ async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
     cancellation — ``task.cancelled()`` False, and ``run_transaction`` could even
     retry — which is what SQLAlchemy 2.1's own ``_run_to_completion`` does.
     """
-    task = asyncio.ensure_future(coro)
+    task = asyncio.create_task(coro)
     cancelled: asyncio.CancelledError | None = None
     while True:
         try:
@@ -78,23 +78,21 @@ async def ending_the_transaction(
     caller: asyncio.Task[Any] | None = None,
 ) -> None:
     """The task ``end_and_close`` runs (its name shows in ``ConcurrentSessionUseError``)."""
-    # Sessions of a sessionforge factory carry the guard; others end as they are.
+    # Sessions of a sessionforge factory carry the guard; others end as they are. (One
+    # frame for the whole ending: every resume of a coroutine frame costs a call.)
     take_turn = getattr(session, "_sessionforge_take_turn", None)
-    if take_turn is None:
-        await _end(session, end)
-        return
-    proceed, restore = await take_turn(caller)
-    if not proceed:
-        return  # retired: its operation outlived pool_timeout, the connection is gone
+    task = asyncio.current_task()
+    restore: object = None
+    if take_turn is not None:
+        proceed, restore = await take_turn(task, caller)
+        if not proceed:
+            return  # retired: its operation outlived pool_timeout, the connection is gone
     try:
-        await _end(session, end)
+        try:
+            if end is not None:
+                await end()
+        finally:
+            await session.close()
     finally:
-        session._sessionforge_end_turn(restore)  # type: ignore[attr-defined]
-
-
-async def _end(session: AsyncSession, end: Callable[[], Awaitable[object]] | None) -> None:
-    try:
-        if end is not None:
-            await end()
-    finally:
-        await session.close()
+        if take_turn is not None:
+            session._sessionforge_end_turn(task, restore)  # type: ignore[attr-defined]

@@ -97,10 +97,13 @@ class AsyncHookMethods:
         """Run ``fn()`` (awaited if async) if the current transaction rolls back."""
         hooks.after_rollback(self.sync_session, fn)
 
-    async def _sessionforge_take_turn(self, caller: asyncio.Task[Any] | None) -> Turn:
+    async def _sessionforge_take_turn(
+        self, task: asyncio.Task[Any] | None, caller: asyncio.Task[Any] | None
+    ) -> Turn:
         """Wait until no other task is in an operation here, then hold it for this task.
 
-        Returns ``(proceed, restore)`` for ``_sessionforge_end_turn(restore)``. The
+        ``task`` is the current task. Returns ``(proceed, restore)`` for
+        ``_sessionforge_end_turn(task, restore)``. The
         wait lasts up to the engine's ``pool_timeout``; past it, the session's
         connection is invalidated (on PostgreSQL that ends the other task's statement
         with an error), and the wait goes on as long again. If the operation still
@@ -112,8 +115,6 @@ class AsyncHookMethods:
         session's own guarded methods), waiting for it would deadlock, so the turn
         is taken over and handed back by ``_sessionforge_end_turn``.
         """
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
         deadline: float | None = None
         invalidated = False
         while True:
@@ -123,6 +124,7 @@ class AsyncHookMethods:
             if holder is None or holder is task or holder is caller:
                 self._sessionforge_holder = task
                 return True, holder
+            loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + _pool_timeout(self.sync_session)
             waiter: asyncio.Future[None] = loop.create_future()
@@ -144,9 +146,9 @@ class AsyncHookMethods:
                 if waiters is not None and waiter in waiters:
                     waiters.remove(waiter)
 
-    def _sessionforge_end_turn(self, restore: object) -> None:
+    def _sessionforge_end_turn(self, task: asyncio.Task[Any] | None, restore: object) -> None:
         """Give back the turn ``_sessionforge_take_turn`` took (see there)."""
-        if restore is not _UNCLAIMED and self._sessionforge_holder is asyncio.current_task():
+        if restore is not _UNCLAIMED and self._sessionforge_holder is task:
             self._sessionforge_holder = cast("asyncio.Task[Any] | None", restore)
             if restore is None and self._sessionforge_waiters:
                 _wake(self)
@@ -156,7 +158,7 @@ class AsyncHookMethods:
         # close waits for another task's operation, and a block ending inside one of
         # this session's guarded methods does not wait for itself (the caller is noted
         # here, in the task that awaits the close).
-        await end_and_close(cast("AsyncSession", self), None)
+        await end_and_close(self, None)  # type: ignore[arg-type]  # (no cast(): a call)
 
 
 #: What ``_sessionforge_take_turn`` returns: (proceed, what to give back at the end).
@@ -179,7 +181,7 @@ def _wake(session: AsyncHookMethods) -> None:
 def _pool_timeout(sync: Session) -> float:
     """The ``pool_timeout`` of the engine the session uses by default (QueuePool's)."""
     try:
-        timeout = getattr(sync.get_bind().pool, "timeout", None)
+        timeout = getattr(sync.get_bind().engine.pool, "timeout", None)
     except Exception:  # unbound, or binds only: SQLAlchemy's default
         return _DEFAULT_POOL_TIMEOUT
     return float(timeout()) if callable(timeout) else _DEFAULT_POOL_TIMEOUT
@@ -282,7 +284,8 @@ def _guarded(name: str, owner: list[type]) -> Callable[..., Coroutine[Any, Any, 
                     return None
                 raise SessionClosedError(f"session.{name}() refused: {holder.reason}")
             if waits:
-                return await _close_after_turn(self, owner[0], args, kwargs)
+                close = getattr(super(owner[0], self), name)
+                return await _close_after_turn(self, close, args, kwargs)
             raise ConcurrentSessionUseError(_concurrent_message(name, holder, task))
         self._sessionforge_holder = task
         try:
@@ -299,15 +302,17 @@ def _guarded(name: str, owner: list[type]) -> Callable[..., Coroutine[Any, Any, 
 
 
 async def _close_after_turn(
-    session: AsyncHookMethods, owner: type, args: Any, kwargs: Any
+    session: Any, close: Callable[..., Awaitable[None]], args: Any, kwargs: Any
 ) -> None:
-    proceed, restore = await session._sessionforge_take_turn(None)
+    """``close()`` called while another task is in an operation: wait, then close."""
+    task = asyncio.current_task()
+    proceed, restore = await session._sessionforge_take_turn(task, None)
     if not proceed or type(session._sessionforge_holder) is Retired:
         return
     try:
-        await super(owner, session).close(*args, **kwargs)  # type: ignore[misc]
+        await close(*args, **kwargs)
     finally:
-        session._sessionforge_end_turn(restore)
+        session._sessionforge_end_turn(task, restore)
 
 
 def _guarded_generator(name: str, owner: list[type]) -> Callable[..., AsyncIterator[Any]]:
@@ -382,7 +387,7 @@ def _coroutine_name(task: asyncio.Task[Any]) -> str:
 
 
 async def _users_exit(self: Any, type_: Any, value: Any, traceback: Any) -> Any:
-    return await super(AsyncHookMethods, self).__aexit__(type_, value, traceback)  # type: ignore[misc]
+    return await super(AsyncHookMethods, self).__aexit__(type_, value, traceback)
 
 
 def make_session_classes(
