@@ -69,8 +69,10 @@ async def test_cancellation_storm_leaves_the_pool_whole(
     application_name = f"{prefix}-storm"
     postgres = db_url.startswith("postgres")
     in_memory = db_url.startswith("sqlite") and db_url.endswith("://")  # either driver
-    pool = {} if in_memory else {"pool_size": 5, "max_overflow": 0}
-    db = make_factory(pool_timeout=60, application_name=application_name, **pool)
+    pool: dict[str, Any] = {} if in_memory else {"pool_size": 5, "max_overflow": 0}
+    if postgres:  # to find its backends in pg_stat_activity
+        pool["application_name"] = application_name
+    db = make_factory(pool_timeout=60, **pool)
     rng = random.Random(1234)
 
     async def in_begin() -> None:
@@ -120,7 +122,7 @@ async def test_cancelled_mid_query_propagates_and_leaks_nothing(
 ) -> None:
     application_name = f"{prefix}-midquery"
     postgres = db_url.startswith("postgres")
-    db = make_factory(application_name=application_name)
+    db = make_factory(**({"application_name": application_name} if postgres else {}))
     started = asyncio.Event()
     statement = text(sleep_sql(db, 5))
 

@@ -27,7 +27,8 @@ from sessionforge import SessionFactory
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
 URL = sys.argv[1]
-db = SessionFactory(URL, application_name=sys.argv[2])   # made at import time, no loop
+NAME = {"application_name": sys.argv[2]} if URL.startswith("postgres") else {}
+db = SessionFactory(URL, **NAME)   # made at import time, no loop
 
 async def job(n):
     async with db.begin() as session:

@@ -482,7 +482,8 @@ class FactoryConfig:
         tuned = config.replace(expire_on_commit=True)
     """
 
-    url: URL
+    #: ``None`` for a factory made without a target, until ``configure(bind=...)``.
+    url: URL | None
     # engine
     pool_size: int | None = None
     max_overflow: int | None = None
@@ -514,7 +515,7 @@ class FactoryConfig:
     track_session_origin: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, URL):
+        if self.url is not None and not isinstance(self.url, URL):
             raise ConfigurationError(
                 "FactoryConfig.url must be a sqlalchemy URL; "
                 "use FactoryConfig.from_url() to pass a string"
@@ -532,7 +533,7 @@ class FactoryConfig:
             if value is not None:
                 set_(self, name, value.upper())
         set_(self, "sqlite_begin", self.sqlite_begin.lower())
-        if self.isolation_level is not None:
+        if self.isolation_level is not None and self.url is not None:
             set_(
                 self,
                 "isolation_level",
@@ -596,9 +597,21 @@ class FactoryConfig:
     # derived values ----------------------------------------------------------------
 
     @property
+    def bound_url(self) -> URL:
+        """``url``, or ``ConfigurationError`` for a factory made without a target."""
+        if self.url is None:
+            raise ConfigurationError(
+                "this factory was made without a database (SessionFactory() with no URL or "
+                "engine); bind it first with db.configure(bind=url_or_engine), or route "
+                "classes and tables with binds={...}"
+            )
+        return self.url
+
+    @property
     def async_url(self) -> URL:
         """The URL the async factory connects with; an error for a sync-only driver."""
-        dialect_name, driver = self.url.get_backend_name(), self.url.get_driver_name()
+        url = self.bound_url
+        dialect_name, driver = url.get_backend_name(), url.get_driver_name()
         info = dialects.find_driver(dialect_name, driver)
         if info is not None and not info.is_async:
             suggestion = dialects.async_driver_for(dialect_name)
@@ -609,12 +622,13 @@ class FactoryConfig:
                 f"{dialect_name}+{driver} is a sync driver; {use} with SessionFactory, "
                 "or SyncSessionFactory for sync code"
             )
-        return self.url
+        return url
 
     @property
     def sync_url(self) -> URL:
         """The URL the sync twin connects with, by the driver mapping of DESIGN.md §5."""
-        dialect_name, driver = self.url.get_backend_name(), self.url.get_driver_name()
+        url = self.bound_url
+        dialect_name, driver = url.get_backend_name(), url.get_driver_name()
         info = dialects.sync_driver_for(dialect_name, driver)
         if info is None:
             raise ConfigurationError(
@@ -622,7 +636,7 @@ class FactoryConfig:
                 "build the sync factory from a sync URL: "
                 "SyncSessionFactory(FactoryConfig.from_url('dialect+syncdriver://...'))"
             )
-        return self.url.set(drivername=f"{dialect_name}+{info.driver}")
+        return url.set(drivername=f"{dialect_name}+{info.driver}")
 
     def session_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every new session gets (before per-call overrides)."""
@@ -656,9 +670,8 @@ class FactoryConfig:
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.describe().items())
-        return (
-            f"FactoryConfig(url={mask_url(self.url)!r}, class_={self.class_.__name__!r}{options})"
-        )
+        url = None if self.url is None else mask_url(self.url)
+        return f"FactoryConfig(url={url!r}, class_={self.class_.__name__!r}{options})"
 
     # validation --------------------------------------------------------------------
 
@@ -686,6 +699,8 @@ class FactoryConfig:
             check_session_argument(key, allowed)
 
     def _check_dialect_options(self, given: Mapping[str, Any]) -> None:
+        if self.url is None:  # unbound: checked when configure(bind=...) gives the URL
+            return
         backend = self.url.get_backend_name()
         for name in given:
             owner = dialects.option_dialect(name)
@@ -698,7 +713,7 @@ class FactoryConfig:
             )
 
     def _check_memory_pool(self) -> None:
-        if not dialects.is_memory_sqlite(self.url):
+        if self.url is None or not dialects.is_memory_sqlite(self.url):
             return
         if (self.pool_size or 1) > 1 or (self.max_overflow or 0) != 0:
             raise ConfigurationError(
