@@ -34,9 +34,21 @@ def application_name(prefix: str) -> str:
 
 
 @pytest.fixture
-async def named_db(make_db: DbMaker, application_name: str) -> SessionFactory[Any]:
-    """The ``db`` fixture's factory, with an application_name to find on the server."""
-    return await make_db(application_name=application_name)
+def make_named_db(make_db: DbMaker, backend: str, application_name: str) -> DbMaker:
+    """``make_db``, with an application_name to find on the server (PostgreSQL only)."""
+
+    async def make(**options: Any) -> SessionFactory[Any]:
+        if backend == "postgres":
+            options["application_name"] = application_name
+        return await make_db(**options)
+
+    return make
+
+
+@pytest.fixture
+async def named_db(make_named_db: DbMaker) -> SessionFactory[Any]:
+    """The ``db`` fixture's factory, named on the server (see ``make_named_db``)."""
+    return await make_named_db()
 
 
 def is_postgres(db: SessionFactory[Any]) -> bool:
@@ -244,9 +256,9 @@ class ClosingSession(AsyncSession):
 
 
 async def test_an_exit_inside_the_holders_own_operation_does_not_deadlock(
-    make_db: DbMaker, application_name: str
+    make_named_db: DbMaker, application_name: str
 ) -> None:
-    db = await make_db(class_=ClosingSession, application_name=application_name)
+    db = await make_named_db(class_=ClosingSession)
     async with asyncio.timeout(5):
         assert await db().query_and_leave() == 5
         assert await db().query_and_close() == 6
@@ -257,11 +269,11 @@ async def test_an_exit_inside_the_holders_own_operation_does_not_deadlock(
 
 @pytest.mark.postgres
 async def test_past_pool_timeout_the_connection_is_invalidated(
-    make_db: DbMaker, backend: str, application_name: str
+    make_named_db: DbMaker, backend: str, application_name: str
 ) -> None:
     if backend != "postgres":
         pytest.skip("a statement the server can be made to drop: PostgreSQL")
-    db = await make_db(pool_timeout=0.3, application_name=application_name)
+    db = await make_named_db(pool_timeout=0.3)
     holder: asyncio.Task[Any] | None = None
 
     async def work(session: Any) -> None:
@@ -321,9 +333,9 @@ async def call(session: Any, method: str, sql: str) -> Any:
 
 @pytest.mark.parametrize(("class_", "method"), session_classes())
 async def test_a_subclass_method_is_guarded(
-    make_db: DbMaker, application_name: str, class_: type[AsyncSession], method: str
+    make_named_db: DbMaker, application_name: str, class_: type[AsyncSession], method: str
 ) -> None:
-    db = await make_db(class_=class_, application_name=application_name)
+    db = await make_named_db(class_=class_)
     sql = slow_sql(db)
     for block in (in_session, in_begin):
         finished: list[Any] = []
