@@ -188,7 +188,9 @@ def test_missing_sync_twin_driver_names_the_package() -> None:
 def test_sync_engine_given_to_async_factory_and_back() -> None:
     sync_engine = create_engine("sqlite://")
     async_engine = create_async_engine("sqlite+aiosqlite://")
-    with pytest.raises(ConfigurationError, match="needs an AsyncEngine or AsyncConnection, got Engine"):
+    with pytest.raises(
+        ConfigurationError, match="needs an AsyncEngine or AsyncConnection, got Engine"
+    ):
         SessionFactory(sync_engine)  # type: ignore[call-overload]
     with pytest.raises(ConfigurationError, match="needs an Engine or Connection, got AsyncEngine"):
         SyncSessionFactory(async_engine)  # type: ignore[call-overload]

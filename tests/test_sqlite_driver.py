@@ -102,7 +102,7 @@ def test_known_driver_with_pysqlite_twin() -> None:
 
 
 def test_default_sqlite_driver_is_still_aiosqlite() -> None:
-    assert FactoryConfig.from_url("sqlite:///app.db").url.drivername == "sqlite+aiosqlite"
+    assert FactoryConfig.from_url("sqlite:///app.db").bound_url.drivername == "sqlite+aiosqlite"
 
 
 async def test_sync_twin_sees_the_async_writes(db: SessionFactory[Any], models: Models) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.util import immutabledict
 
 from sessionforge import ConfigurationError, SessionFactory, SyncSessionFactory
 
-from .conftest import FactoryMaker, count_rows
+from .conftest import count_rows
 from .models import Models
 
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
@@ -199,10 +199,11 @@ async def test_async_connection_target_joins_the_external_transaction(
         joined = SessionFactory(connection, join_transaction_mode="create_savepoint")
         async with joined.begin() as session:  # COMMIT releases a SAVEPOINT
             session.add(models.Item(name="inside"))
+        proxied = connection.sync_connection
         async with joined() as session:
             assert session.bind is connection
             assert (await session.scalars(select(models.Item.name))).all() == ["inside"]
-            assert session.sync_session.get_bind(models.Item) is connection.sync_connection
+            assert session.sync_session.get_bind(models.Item) is proxied
         with pytest.raises(ConfigurationError, match="no sync twin"):
             _ = joined.sync
         with pytest.raises(ConfigurationError, match="per-transaction options"):
@@ -364,10 +365,14 @@ async def test_event_listen_on_scoped_sessions_reaches_the_factory(
     def listener(session: Session, *_args: object) -> None:
         flushed.append(type(session).__name__)
 
-    sync_scope = scoped_session(db.sync)
+    # scoped_session is typed for sessionmaker; a SyncSessionFactory works the same
+    sync_scope: scoped_session[Session] = scoped_session(db.sync)  # type: ignore[arg-type]
     event.listen(sync_scope, "before_flush", listener)
     assert listener in sync_scope().dispatch.before_flush  # SQLAlchemy's own check
-    async_scope = async_scoped_session(db, scopefunc=lambda: None)
+    async_scope: async_scoped_session[AsyncSession] = async_scoped_session(
+        db,  # type: ignore[arg-type]
+        scopefunc=lambda: None,
+    )
     event.listen(async_scope, "after_flush", listener)
     try:
         with sync_scope.begin():
@@ -382,7 +387,8 @@ async def test_event_listen_on_scoped_sessions_reaches_the_factory(
 
         event.listen(scoped_session(sessionmaker()), "before_flush", listener)
         with pytest.raises(Exception, match="creation callable"):
-            event.listen(scoped_session(lambda: Session()), "before_flush", listener)
+            foreign: scoped_session[Session] = scoped_session(lambda: Session())  # type: ignore[arg-type]
+            event.listen(foreign, "before_flush", listener)
     finally:
         event.remove(sync_scope, "before_flush", listener)
         event.remove(async_scope, "after_flush", listener)
@@ -460,8 +466,8 @@ async def test_isolated_isolates_the_factories_in_binds(
         else:
             with isolated(routed.sync):
                 await enter_begin(routed.sync, add)
-                with routed.sync() as session:
-                    assert len(session.scalars(select(models.Counter)).all()) == 1
+                with routed.sync() as sync_session:
+                    assert len(sync_session.scalars(select(models.Counter)).all()) == 1
         assert rows(db, models.item) == 0
         assert rows(other, models.counter) == 0
         assert other.status().checked_out == 0

@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.session import JoinTransactionMode
 
 from . import dialects
 from .errors import ConfigurationError
@@ -77,6 +78,21 @@ class SyncFactoryOptions(_CommonOptions, total=False):
     """The options ``SyncSessionFactory(url, **options)`` accepts, besides ``sync_class_``."""
 
     class_: type[AsyncSession]
+
+
+class _TargetOptions(TypedDict, total=False):
+    # Kept by the factory, not the config: engines and factories per mapped class/table.
+    binds: Mapping[Any, Any] | None
+    # A session argument, moved into session_options (common with a connection target).
+    join_transaction_mode: JoinTransactionMode
+
+
+class FactoryArguments(FactoryOptions, _TargetOptions, total=False):
+    """``SessionFactory(target, **options)``: ``FactoryOptions`` plus ``binds``."""
+
+
+class SyncFactoryArguments(SyncFactoryOptions, _TargetOptions, total=False):
+    """``SyncSessionFactory(target, **options)``: ``SyncFactoryOptions`` plus ``binds``."""
 
 
 ENGINE_OPTIONS: Final = frozenset(

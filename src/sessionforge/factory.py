@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import (
 
 from . import dialects
 from .cancellation import end_and_close, run_to_completion
-from .config import FactoryConfig, FactoryOptions
+from .config import FactoryArguments, FactoryConfig
 from .core import FactoryCore, FactoryStatus, check_ping_timeout, resolve_target, unavailable
 from .engines import check_driver
 from .errors import ConfigurationError, TransactionTimeoutError
@@ -86,7 +86,7 @@ class SessionFactory(Generic[_AS]):
         self: SessionFactory[AsyncSession],
         target: str | URL | AsyncEngine | AsyncConnection | FactoryConfig | None = None,
         /,
-        **options: Unpack[FactoryOptions],
+        **options: Unpack[FactoryArguments],
     ) -> None: ...
 
     @overload
@@ -96,7 +96,7 @@ class SessionFactory(Generic[_AS]):
         /,
         *,
         class_: type[_AS],
-        **options: Unpack[FactoryOptions],
+        **options: Unpack[FactoryArguments],
     ) -> None: ...
 
     def __init__(

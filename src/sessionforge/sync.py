@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import dialects
-from .config import FactoryConfig, SyncFactoryOptions
+from .config import FactoryConfig, SyncFactoryArguments
 from .core import FactoryCore, FactoryStatus, check_ping_timeout, resolve_target, unavailable
 from .engines import check_driver
 from .errors import TransactionTimeoutError
@@ -63,7 +63,7 @@ class SyncSessionFactory(Generic[_S]):
         self: SyncSessionFactory[Session],
         target: str | URL | Engine | Connection | FactoryConfig | None = None,
         /,
-        **options: Unpack[SyncFactoryOptions],
+        **options: Unpack[SyncFactoryArguments],
     ) -> None: ...
 
     @overload
@@ -73,7 +73,7 @@ class SyncSessionFactory(Generic[_S]):
         /,
         *,
         sync_class_: type[_S],
-        **options: Unpack[SyncFactoryOptions],
+        **options: Unpack[SyncFactoryArguments],
     ) -> None: ...
 
     def __init__(
