@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 from sessionforge import SessionFactory
-from sessionforge.cli import ProgressLine, diagnose, format_demo, main
+from sessionforge.cli import ProgressLine, format_demo, main
 from sessionforge.core import FactoryStatus
 from sessionforge.demo import DemoProgress, DemoResult, DemoSettings, build_models, run_demo
 from sessionforge.engines import EngineStatus
@@ -271,28 +271,6 @@ def test_check_names_a_directory_given_for_a_sqlite_file(
     line = assert_one_line_error(capsys.readouterr().err, "check")
     assert f"{tmp_path / 'data'} is a directory; the URL must name a file" in line
     assert "check that the server is up" not in line
-
-
-@pytest.mark.parametrize(
-    ("where", "reason"),
-    [
-        pytest.param("missing/dir.db", "the directory {tmp}/missing does not exist", id="no-dir"),
-        pytest.param("", "{tmp} is a directory; the URL must name a file", id="a-directory"),
-    ],
-)
-def test_diagnose_explains_sqlite_unable_to_open(where: str, reason: str, tmp_path: Path) -> None:
-    # What db.ping() meets (check and demo look at the path before connecting).
-    path = tmp_path / where
-    with pytest.raises(sqlite3.OperationalError, match="unable to open database file") as raised:
-        sqlite3.connect(path)
-
-    message = diagnose(make_url(f"sqlite+aiosqlite:///{path}"), raised.value)
-
-    assert message == (
-        f"cannot open the SQLite database sqlite+aiosqlite:///{path}: "
-        + reason.format(tmp=tmp_path)
-        + ("; create it, or fix the path in the URL" if where else "")
-    )
 
 
 def test_demo_names_a_missing_sqlite_directory(

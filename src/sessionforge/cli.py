@@ -13,13 +13,11 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, TextIO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
@@ -36,6 +34,7 @@ from .demo import (
     run_demo,
     validate_settings,
 )
+from .diagnosis import sqlite_cannot_open, sqlite_path, sqlite_unopenable
 from .engines import EngineStatus, engine_status
 from .errors import ConfigurationError, DatabaseUnavailableError, SessionForgeError
 from .factory import SessionFactory
@@ -84,10 +83,7 @@ async def gather_check(config: FactoryConfig, source: str, timeout: float) -> Ch
     Raises ``ConfigurationError`` or ``DatabaseUnavailableError``.
     """
     async with SessionFactory(config) as db:
-        try:
-            seconds = await db.ping(timeout=timeout)
-        except DatabaseUnavailableError as exc:
-            raise diagnosed(exc, db.url) from exc.__cause__
+        seconds = await db.ping(timeout=timeout)
         engine = db.engine
         return CheckReport(
             url=mask_url(db.url),
@@ -128,99 +124,6 @@ def _figure(value: object) -> str:
     return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-# Why a connection failed, when the server answered (or SQLite could not open the file).
-# Matched on the SQLSTATE where the driver gives one (asyncpg does; psycopg does not at
-# connect) and on the server's English message otherwise.
-
-
-@dataclass(frozen=True, slots=True)
-class _Refusal:
-    sqlstate: str | None
-    pattern: re.Pattern[str]
-    url_part: str  # what names the missing thing when the message is not matched
-    advice: str
-
-
-_REFUSALS: Final = (
-    _Refusal(
-        "3D000",
-        re.compile(r'database "(?P<name>[^"]*)" does not exist'),
-        "database",
-        'database "{name}" does not exist: create it (CREATE DATABASE "{name}"), '
-        "or fix the database name in the URL",
-    ),
-    _Refusal(
-        None,  # 28000 also means "no pg_hba.conf entry": only the message is specific
-        re.compile(r'role "(?P<name>[^"]*)" does not exist'),
-        "username",
-        'role "{name}" does not exist: create it (CREATE ROLE "{name}" LOGIN), '
-        "or fix the user name in the URL",
-    ),
-    _Refusal(
-        "28P01",
-        re.compile(r'password authentication failed for user "(?P<name>[^"]*)"'),
-        "username",
-        'password authentication failed for user "{name}": check the password in the URL',
-    ),
-)
-
-
-def diagnose(url: URL, exc: BaseException) -> str | None:
-    """What is wrong when ``exc`` shows the database answered; ``None`` if it did not.
-
-    ``None`` leaves the "cannot reach ... check that the server is up" message in charge.
-    """
-    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    text = str(original)
-    if dialects.is_sqlite(url):
-        if "unable to open database file" in text:
-            return _sqlite_cannot_open(url)
-        return None
-    sqlstate = getattr(original, "sqlstate", None)
-    for refusal in _REFUSALS:
-        found = refusal.pattern.search(text)
-        if found is None and (refusal.sqlstate is None or sqlstate != refusal.sqlstate):
-            continue
-        name = found["name"] if found else getattr(url, refusal.url_part) or ""
-        return f"the server at {mask_url(url)} answered, but " + refusal.advice.format(name=name)
-    return None
-
-
-def diagnosed(exc: DatabaseUnavailableError, url: URL) -> DatabaseUnavailableError:
-    """``exc`` reworded with ``diagnose`` when the database answered, else ``exc`` itself."""
-    cause = exc.__cause__
-    diagnosis = diagnose(url, cause) if cause is not None else None
-    return exc if diagnosis is None else DatabaseUnavailableError(diagnosis)
-
-
-def sqlite_path(url: URL) -> Path | None:
-    """The file a SQLite URL opens (relative to the working directory, as SQLite does).
-
-    ``None`` for other databases and for in-memory SQLite.
-    """
-    if not dialects.is_sqlite(url) or dialects.is_memory_sqlite(url) or not url.database:
-        return None
-    database = url.database
-    if database.startswith("file:"):  # a SQLite URI filename (uri=true)
-        database = unquote(urlsplit(database).path)
-    return Path(database)
-
-
-def _sqlite_cannot_open(url: URL) -> str:
-    why = _sqlite_unopenable(url) or "check the path, and that its directory is writable"
-    return f"cannot open the SQLite database {mask_url(url)}: {why}"
-
-
-def _sqlite_unopenable(url: URL) -> str | None:
-    """Why SQLite cannot open the file of ``url``, when the path alone shows it."""
-    path = sqlite_path(url)
-    if path is not None and not path.parent.is_dir():
-        return f"the directory {path.parent} does not exist; create it, or fix the path in the URL"
-    if path is not None and path.is_dir():
-        return f"{path} is a directory; the URL must name a file"
-    return None
-
-
 def refuse_unopenable_sqlite(url: URL) -> None:
     """Raise ``DatabaseUnavailableError`` when the path shows SQLite cannot open the file.
 
@@ -228,8 +131,8 @@ def refuse_unopenable_sqlite(url: URL) -> None:
     connect running, to post its result into an event loop that may be closed by then
     ("Event loop is closed" printed from a thread as the command exits).
     """
-    if _sqlite_unopenable(url) is not None:
-        raise DatabaseUnavailableError(_sqlite_cannot_open(url))
+    if sqlite_unopenable(url) is not None:
+        raise DatabaseUnavailableError(sqlite_cannot_open(url))
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -377,8 +280,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr)
     try:
         result = asyncio.run(run_demo(settings, progress))
-    except DatabaseUnavailableError as exc:
-        raise diagnosed(exc, url) from exc.__cause__
     finally:
         progress.finish()
     for line in format_demo(result):

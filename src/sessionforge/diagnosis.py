@@ -1,0 +1,181 @@
+"""Why a connection attempt failed, and what to do about it.
+
+``explain(url, exc, timeout)`` words the exception a connect (or its first round trip)
+raised as the message of a ``DatabaseUnavailableError``. ``db.ping()``,
+``db.sync.ping()``, the lifespan's startup ping and the ``sessionforge check`` and
+``demo`` commands all go through it, so one failure reads the same everywhere. A
+failure is one of:
+
+- **refused**: the server answered, and said what is wrong (a missing database or
+  role, a wrong password: ``_REFUSALS``), or SQLite could not open the file (the path
+  usually shows why). The message says what to create or fix.
+- **unreachable**: no answer in time, or the connection itself failed (refused,
+  unresolvable host, no route). Only these point at the server, host, port and
+  firewalls.
+- **anything else**: the driver's message, and where to look.
+
+Every message shows the URL with its password masked, and the driver's text with any
+spelling of the password replaced by ``***``.
+
+The functions are pure (no connections, no side effects), except that explaining why
+SQLite cannot open a file looks at whether its directory exists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+
+from . import dialects
+from .config import mask_url
+
+__all__ = [
+    "diagnose",
+    "explain",
+    "sqlite_cannot_open",
+    "sqlite_path",
+    "sqlite_unopenable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """One way a server turns a connection down, and the advice for it."""
+
+    sqlstate: str | None  # matched when the driver gives one (asyncpg; not psycopg at connect)
+    pattern: re.Pattern[str]  # the server's English message, for drivers without SQLSTATE
+    url_part: str  # the URL attribute naming the missing thing when the message is not matched
+    advice: str
+
+
+_REFUSALS: Final = (
+    _Refusal(
+        "3D000",
+        re.compile(r'database "(?P<name>[^"]*)" does not exist'),
+        "database",
+        'database "{name}" does not exist: create it (CREATE DATABASE "{name}"), '
+        "or fix the database name in the URL",
+    ),
+    _Refusal(
+        None,  # 28000 also means "no pg_hba.conf entry": only the message is specific
+        re.compile(r'role "(?P<name>[^"]*)" does not exist'),
+        "username",
+        'role "{name}" does not exist: create it (CREATE ROLE "{name}" LOGIN), '
+        "or fix the user name in the URL",
+    ),
+    _Refusal(
+        "28P01",
+        re.compile(r'password authentication failed for user "(?P<name>[^"]*)"'),
+        "username",
+        'password authentication failed for user "{name}": check the password in the URL',
+    ),
+)
+
+# How drivers word a connection that never got an answer from the server, when they
+# raise their own error rather than an OSError (psycopg's OperationalError holds
+# libpq's text; aiomysql's error 2003 "Can't connect to MySQL server").
+_NETWORK_FAILURE: Final = re.compile(
+    r"Connection refused|Connection timed out|timeout expired|No route to host"
+    r"|Network is unreachable|failed to resolve host|could not translate host name"
+    r"|Name or service not known|server closed the connection unexpectedly"
+    r"|Can't connect to MySQL server",
+    re.IGNORECASE,
+)
+
+
+_NETWORK_ADVICE: Final = (
+    "check that the server is up, the host and port, and any firewall in between"
+)
+
+
+def explain(url: URL, exc: BaseException, timeout: float | None) -> str:
+    """The message for a connection to ``url`` that failed with ``exc``.
+
+    ``timeout`` is the seconds the caller waited, named when ``exc`` is a
+    ``TimeoutError``.
+    """
+    diagnosis = diagnose(url, exc)
+    if diagnosis is not None:
+        return diagnosis
+    where = mask_url(url)
+    if isinstance(exc, TimeoutError):
+        within = "in time" if timeout is None else f"within {timeout:g}s"
+        return f"cannot reach the database at {where} (no answer {within}); " + _NETWORK_ADVICE
+    original = _original(exc)
+    text = _scrub(str(original).strip(), url)
+    first_line = text.splitlines()[0] if text else ""
+    name = type(original).__name__
+    reason = f"{name}: {first_line}" if first_line else name
+    if isinstance(original, OSError) or _NETWORK_FAILURE.search(text):
+        return f"cannot reach the database at {where} ({reason}); " + _NETWORK_ADVICE
+    look = "the path and the file" if dialects.is_sqlite(url) else "the URL and the server's log"
+    return f"connecting to the database at {where} failed ({reason}); check {look}"
+
+
+def diagnose(url: URL, exc: BaseException) -> str | None:
+    """What is wrong when ``exc`` shows the database answered; ``None`` if it did not."""
+    original = _original(exc)
+    text = _scrub(str(original), url)
+    if dialects.is_sqlite(url):
+        if "unable to open database file" in text:
+            return sqlite_cannot_open(url)
+        return None
+    sqlstate = getattr(original, "sqlstate", None)
+    for refusal in _REFUSALS:
+        found = refusal.pattern.search(text)
+        if found is None and (refusal.sqlstate is None or sqlstate != refusal.sqlstate):
+            continue
+        name = found["name"] if found else getattr(url, refusal.url_part) or ""
+        return f"the server at {mask_url(url)} answered, but " + refusal.advice.format(name=name)
+    return None
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file a SQLite URL opens (relative to the working directory, as SQLite does).
+
+    ``None`` for other databases and for in-memory SQLite.
+    """
+    if not dialects.is_sqlite(url) or dialects.is_memory_sqlite(url) or not url.database:
+        return None
+    database = url.database
+    if database.startswith("file:"):  # a SQLite URI filename (uri=true)
+        database = unquote(urlsplit(database).path)
+    return Path(database)
+
+
+def sqlite_cannot_open(url: URL) -> str:
+    """The message for SQLite's "unable to open database file" on ``url``."""
+    why = sqlite_unopenable(url) or "check the path, and that its directory is writable"
+    return f"cannot open the SQLite database {mask_url(url)}: {why}"
+
+
+def sqlite_unopenable(url: URL) -> str | None:
+    """Why SQLite cannot open the file of ``url``, when the path alone shows it."""
+    path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        return f"the directory {path.parent} does not exist; create it, or fix the path in the URL"
+    if path is not None and path.is_dir():
+        return f"{path} is a directory; the URL must name a file"
+    return None
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The driver's own exception inside a SQLAlchemy wrapper."""
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
+def _scrub(text: str, url: URL) -> str:
+    """``text`` with every spelling of the URL's password as ``***``."""
+    password = url.password
+    if not password:
+        return text
+    spellings = {str(password), quote(str(password), safe=""), quote_plus(str(password))}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, "***")
+    return text
