@@ -16,6 +16,11 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+
+# The pytester fixture drops every module first imported during its test when the test
+# ends; SQLAlchemy's PostgreSQL dialect, imported again by a later test, would register
+# its SQL functions twice (a SAWarning, an error here). Imported up front, it stays.
+import sqlalchemy.dialects.postgresql  # noqa: F401
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.pool import NullPool
 
@@ -290,8 +295,5 @@ def test_the_readme_fastapi_example_runs(
         "no:cacheprovider",
         "-W",
         "error",
-        # Starlette 1.x asks for httpx2 under TestClient; not the example's business.
-        "-W",
-        "ignore:Using `httpx` with `starlette.testclient` is deprecated",
     )
     result.assert_outcomes(passed=4)
