@@ -15,7 +15,6 @@ from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.sql.expression import TableClause
@@ -32,6 +31,7 @@ from .config import (
     session_argument_names,
 )
 from .context import CurrentSession
+from .diagnosis import explain
 from .engines import (
     EngineStatus,
     build_async_engine,
@@ -553,20 +553,11 @@ def check_ping_timeout(timeout: object) -> None:
 
 
 def unavailable(url: URL, exc: BaseException, timeout: float | None) -> DatabaseUnavailableError:
-    """Turn a failed ping into a ``DatabaseUnavailableError`` without the password."""
-    where = mask_url(url)
-    if isinstance(exc, TimeoutError):
-        reason = f"no answer within {timeout:g}s"
-    else:
-        original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-        reason = str(original).strip().splitlines()[0] if str(original).strip() else ""
-        reason = f"{type(original).__name__}: {reason}" if reason else type(original).__name__
-        if url.password:
-            reason = reason.replace(str(url.password), "***")
-    return DatabaseUnavailableError(
-        f"cannot reach the database at {where} ({reason}); check that the server is up, "
-        "the host, port and credentials, and any firewall in between"
-    )
+    """Turn a failed connect into a ``DatabaseUnavailableError`` that says why.
+
+    Worded by ``diagnosis.explain``, as ``sessionforge check`` words it; no password.
+    """
+    return DatabaseUnavailableError(explain(url, exc, timeout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,11 +628,11 @@ def _check_target_twin(target: object, twin: Twin, where: str) -> None:
     kind = type(target).__name__
     if twin == "async":
         raise ConfigurationError(
-            f"{where} needs an AsyncEngine or AsyncConnection, got a {kind}; pass a URL, "
+            f"{where} needs an AsyncEngine or AsyncConnection, got {kind}; pass a URL, "
             "or use SyncSessionFactory for sync code"
         )
     raise ConfigurationError(
-        f"{where} needs an Engine or Connection, got an {kind}; pass a URL, or use "
+        f"{where} needs an Engine or Connection, got {kind}; pass a URL, or use "
         "SessionFactory for async code"
     )
 
