@@ -169,19 +169,21 @@ async def test_ping_on_a_closed_port_points_at_the_network(driver: str, twin: st
 # SQLite ------------------------------------------------------------------------------
 
 
+def aiosqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.endswith("(_connection_worker_thread)")}
+
+
 @pytest.mark.parametrize("twin", TWINS)
 async def test_ping_names_a_missing_sqlite_directory(twin: str, tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such"
+    before = aiosqlite_threads()
 
     message = str(await ping_error(f"sqlite:///{missing / 'app.db'}", twin))
 
     # aiosqlite 0.22.1 stops the worker thread of a failed connect without waiting for
-    # it; the thread then posts to this test's event loop, which may be closed by then
-    # ("Event loop is closed" in the thread, a warning in a later test). Wait for it
-    # while the loop runs: ping() cannot, it holds no handle on the thread.
-    for thread in threading.enumerate():
-        if thread.name.endswith("(_connection_worker_thread)"):  # aiosqlite's, by target
-            await asyncio.to_thread(thread.join, 5)
+    # it; the thread then posts to the event loop, which may be closed by then ("Event
+    # loop is closed" in the thread). The factory refuses the path before any thread.
+    assert aiosqlite_threads() <= before
 
     assert message.startswith("cannot open the SQLite database sqlite")
     assert message.endswith(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sqlite3
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -389,6 +390,25 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
         event.listen(engine, "handle_error", _keep_sqlite_connection_on_cancel)
         if "pool_reset_on_return" not in config.engine_options:  # else theirs, as given
             event.listen(engine, "reset", _end_sqlite_transaction_on_return)
+        if engine.url.get_driver_name() == "aiosqlite":
+            _refuse_unopenable_files(engine)
+
+
+def _refuse_unopenable_files(engine: Engine) -> None:
+    # aiosqlite 0.22.1 starts a thread per connection and, when sqlite3 cannot open
+    # the file, stops it without waiting: the thread later posts its result to the
+    # event loop, which may be closed by then ("Event loop is closed" in a thread).
+    # The common causes (no such directory, a directory given) are told from the path
+    # alone, so they fail here, as sqlite3 itself would fail, before any thread.
+    from .diagnosis import sqlite_unopenable  # diagnosis imports this module
+
+    url = engine.url
+
+    def on_connect(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+        if sqlite_unopenable(url) is not None:
+            raise sqlite3.OperationalError("unable to open database file")
+
+    event.listen(engine, "do_connect", on_connect)
 
 
 def _keep_sqlite_connection_on_cancel(context: ExceptionContext) -> None:
