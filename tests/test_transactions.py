@@ -760,3 +760,26 @@ def test_ill_typed_transaction_options_are_not_echoed(options: dict[str, Any]) -
     with pytest.raises(ConfigurationError, match="is invalid") as raised:
         SessionFactory("sqlite://").begin(**options)
     assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("twin", ["async", "sync"])
+async def test_atomic_durable_must_be_a_bool_on_every_path(twin: str) -> None:
+    db = SessionFactory("sqlite://")
+    with pytest.raises(ConfigurationError, match=r"durable='yes' \(str\) is invalid"):
+        if twin == "async":
+            async with db.atomic(durable="yes"):  # type: ignore[arg-type]
+                pass
+        else:
+            with db.sync.atomic(durable="yes"):  # type: ignore[arg-type]
+                pass
+    assert db.status().sessions_open == 0
+
+
+@pytest.mark.parametrize("option", [{"readonly": True}, {"settings": {"work_mem": "64MB"}}])
+def test_options_an_autocommit_engine_would_ignore_are_refused(option: dict[str, Any]) -> None:
+    db = SessionFactory("postgresql://app@127.0.0.1/app", isolation_level="AUTOCOMMIT")
+    for factory in (db, db.sync):
+        with pytest.raises(ConfigurationError, match="engine runs in AUTOCOMMIT"):
+            factory.begin(**option)
+    # naming a level for the transaction is fine
+    db.begin(isolation_level="SERIALIZABLE", **option)

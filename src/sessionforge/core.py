@@ -404,6 +404,16 @@ class FactoryCore(Generic[_AS]):
             timeout=timeout,
             settings=settings,
         )
+        if (
+            self.config.isolation_level == "AUTOCOMMIT"
+            and isolation_level is None
+            and (readonly or settings)
+        ):
+            raise ConfigurationError(
+                "this factory's engine runs in AUTOCOMMIT (isolation_level='AUTOCOMMIT'), "
+                "so readonly=True and settings= (which last one transaction) would silently "
+                "do nothing; pass isolation_level= for this transaction, or use db.reader()"
+            )
         if options is None or self.isolation is None:
             return options
         kept = transaction_options(

@@ -42,6 +42,7 @@ from .transactions import (
     RetryPredicate,
     TransactionOptions,
     atomic_block,
+    check_durable,
     check_joinable,
     joins,
 )
@@ -303,6 +304,7 @@ class SessionFactory(Generic[_AS]):
         ``scope()``, say), leaving it also commits, as leaving an outermost atomic
         block does. ``durable=True`` refuses to be nested in another atomic block.
         """
+        check_durable(durable)
         current = self._core.current_async.peek()
         if current is None or not joins(current.sync_session):
             context = self.begin(

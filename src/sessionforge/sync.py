@@ -27,6 +27,7 @@ from .transactions import (
     RetryPredicate,
     TransactionOptions,
     atomic_block,
+    check_durable,
     check_joinable,
     joins,
 )
@@ -240,6 +241,7 @@ class SyncSessionFactory(Generic[_S]):
         settings: Mapping[str, Any] | None = None,
     ) -> Iterator[_S]:
         """A transaction, or a SAVEPOINT inside the current one (see ``SessionFactory``)."""
+        check_durable(durable)
         current = self._core.current_sync
         session = current.peek()
         if session is None or not joins(session):

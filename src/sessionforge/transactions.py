@@ -227,6 +227,15 @@ def joins(session: Session | None) -> bool:
     )
 
 
+def check_durable(durable: object) -> None:
+    """``atomic(durable=)`` is True or False, checked on every path."""
+    if type(durable) is not bool:
+        raise ConfigurationError(
+            f"durable={shown_value(durable)} ({type(durable).__name__}) is invalid: "
+            "expected True or False"
+        )
+
+
 def check_joinable(
     depth: int,
     durable: bool,
