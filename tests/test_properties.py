@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sessionforge import SessionFactory, SessionForgeError
+from sessionforge.config import ENGINE_OPTIONS, PRESET_OPTIONS, SESSION_LEVEL_OPTIONS
 
 MARKER = "pw-SECRET-marker"
 
@@ -177,32 +178,15 @@ def test_any_url_is_accepted_or_refused_with_a_sessionforge_error(url: str) -> N
 
 # --- factory options -------------------------------------------------------------------
 
+# Every option the factory declares, plus names users try that are not ours.
 OPTION_NAMES = st.sampled_from(
     [
-        "pool_size",
-        "max_overflow",
-        "pool_timeout",
-        "pool_recycle",
-        "pool_use_lifo",
-        "echo",
-        "isolation_level",
-        "connect_args",
-        "engine_options",
-        "autoflush",
-        "expire_on_commit",
-        "info",
-        "session_options",
-        "ping_after",
-        "pgbouncer",
-        "application_name",
-        "sqlite_journal_mode",
-        "sqlite_synchronous",
-        "sqlite_busy_timeout",
-        "sqlite_foreign_keys",
-        "sqlite_begin",
-        "track_session_origin",
+        *sorted(
+            ENGINE_OPTIONS | PRESET_OPTIONS | SESSION_LEVEL_OPTIONS - {"class_", "sync_class_"}
+        ),
         "url",
         "bind",
+        "binds",
         "pool_pre_ping",
         "future",
         "poolclass",
