@@ -10,6 +10,12 @@ more than one server: the scale-out tests add a primary and its streaming replic
 one topology (``settings`` for ``wal_level`` and friends, ``run`` for
 ``pg_basebackup``).
 
+A server built with a ``Login`` checks passwords instead: ``pg_hba.conf`` asks every
+TCP connection (on 127.0.0.1) for a scram-sha-256 password, and the login's role is
+created with its password as the server starts. The ``postgres`` superuser keeps trust
+over the server's private unix socket, which is how the module administers it;
+``login_url`` is the URL a client uses.
+
 ``private_postgres()`` skips when the PostgreSQL binaries are missing, except under
 ``CI=true``, where it fails (conftest's ``IN_CI``).
 """
@@ -25,14 +31,23 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import pytest
+from sqlalchemy.engine import URL
 
 from .conftest import IN_CI
 
-__all__ = ["PG_BIN", "PostgresServer", "Topology", "missing_binaries", "private_postgres"]
+__all__ = [
+    "PG_BIN",
+    "Login",
+    "PostgresServer",
+    "Topology",
+    "missing_binaries",
+    "private_postgres",
+]
 
 PG_BIN: Final = Path(os.environ.get("SESSIONFORGE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 OS_USER: Final = "postgres"
@@ -51,9 +66,26 @@ FAST_SETTINGS: Final[Mapping[str, str]] = {
 }
 
 
-def missing_binaries() -> str | None:
-    """Why private servers cannot be built here, or ``None`` when they can."""
-    for program in ("initdb", "pg_ctl", "postgres"):
+#: ``pg_hba.conf`` of a server with a ``Login``; the ``postgres`` superuser is trusted on
+#: the private socket only (``unix_socket_directories`` is the server's own directory).
+PASSWORD_HBA: Final = """\
+# tests/pgcluster.py: a password for every TCP connection
+local   all   postgres                  trust
+host    all   all        127.0.0.1/32   scram-sha-256
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A role that logs in with ``password`` over TCP, created as the server starts."""
+
+    user: str
+    password: str
+
+
+def missing_binaries(*, login: bool = False) -> str | None:
+    """Why private servers (with a ``Login``: psql too) cannot be built here, or ``None``."""
+    for program in ("initdb", "pg_ctl", "postgres", *(["psql"] if login else [])):
         if not (PG_BIN / program).is_file():
             return f"PostgreSQL binary {PG_BIN / program} not found"
     try:
@@ -95,13 +127,17 @@ class PostgresServer:
         *,
         port: int | None = None,
         settings: Mapping[str, str] | None = None,
+        login: Login | None = None,
     ) -> None:
         self.directory = directory
+        self.login = login
         self.data = directory / "data"
         self.sockets = directory / "sockets"
         self.port = port if port is not None else free_port()
         self.settings = {**FAST_SETTINGS, **(settings or {}), "port": str(self.port)}
         self.settings["unix_socket_directories"] = f"'{self.sockets}'"
+        if login is not None:
+            self.settings["password_encryption"] = "'scram-sha-256'"
         self._paused = False
         self._running = False
 
@@ -114,11 +150,31 @@ class PostgresServer:
         return f"postgresql+asyncpg://{OS_USER}@127.0.0.1:{self.port}/postgres"
 
     @property
+    def login_url(self) -> URL:
+        """The asyncpg URL of the ``postgres`` database as the login's role, with its password.
+
+        Only for a server built with a ``Login``; ``.set(password=...)`` gives a wrong one.
+        """
+        if self.login is None:
+            raise RuntimeError(f"{self!r} was built without a Login: it trusts every connection")
+        return URL.create(
+            "postgresql+asyncpg",
+            username=self.login.user,
+            password=self.login.password,
+            host="127.0.0.1",
+            port=self.port,
+            database="postgres",
+        )
+
+    @property
     def paused(self) -> bool:
         return self._paused
 
     def init(self) -> None:
-        """``initdb`` with trust authentication and the server's settings appended."""
+        """``initdb`` with trust authentication and the server's settings appended.
+
+        With a ``Login``, ``pg_hba.conf`` is replaced by ``PASSWORD_HBA``.
+        """
         for path in (self.directory, self.sockets):
             path.mkdir(parents=True, exist_ok=True)
             shutil.chown(path, OS_USER, OS_USER)
@@ -137,9 +193,11 @@ class PostgresServer:
         lines = [f"{name} = {value}" for name, value in self.settings.items()]
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write("\n# tests/pgcluster.py\n" + "\n".join(lines) + "\n")
+        if self.login is not None:
+            (self.data / "pg_hba.conf").write_text(PASSWORD_HBA)
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
+        """Start the server, wait until it accepts connections, create the login's role."""
         run(
             PG_BIN / "pg_ctl",
             "-D",
@@ -152,6 +210,25 @@ class PostgresServer:
             "start",
         )
         self._running = True
+        if self.login is not None:
+            self.sql(
+                f"CREATE ROLE {_identifier(self.login.user)} LOGIN "
+                f"PASSWORD {_literal(self.login.password)}"
+            )
+
+    def sql(self, statement: str) -> str:
+        """Run ``statement`` as ``postgres`` over the private socket (psql); its output."""
+        return run(
+            PG_BIN / "psql",
+            "--no-psqlrc",
+            "--quiet",
+            "--set=ON_ERROR_STOP=1",
+            f"--host={self.sockets}",
+            f"--port={self.port}",
+            f"--username={OS_USER}",
+            "--dbname=postgres",
+            f"--command={statement}",
+        )
 
     def stop(self) -> None:
         """Stop at once (no checkpoint: the data is thrown away); resume first if paused."""
@@ -205,6 +282,15 @@ class PostgresServer:
             self.resume()
 
 
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal (``standard_conforming_strings`` is on: no backslash escapes)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid``, from /proc (every PostgreSQL process is one)."""
     children: list[int] = []
@@ -228,9 +314,15 @@ class Topology:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def add(self, name: str, *, settings: Mapping[str, str] | None = None) -> PostgresServer:
+    def add(
+        self,
+        name: str,
+        *,
+        settings: Mapping[str, str] | None = None,
+        login: Login | None = None,
+    ) -> PostgresServer:
         """Build and start a new server called ``name`` (a directory under ``root``)."""
-        server = PostgresServer(self.root / name, settings=settings)
+        server = PostgresServer(self.root / name, settings=settings, login=login)
         self.servers[name] = server  # registered first: a failed start is still stopped
         server.init()
         server.start()
@@ -250,12 +342,17 @@ class Topology:
 
 
 @contextlib.contextmanager
-def private_postgres(settings: Mapping[str, str] | None = None) -> Iterator[PostgresServer]:
-    """One private server for the block; skip without binaries (fail under CI=true)."""
-    problem = missing_binaries()
+def private_postgres(
+    settings: Mapping[str, str] | None = None, *, login: Login | None = None
+) -> Iterator[PostgresServer]:
+    """One private server for the block; skip without binaries (fail under CI=true).
+
+    With ``login``, the server checks passwords (see the module docstring).
+    """
+    problem = missing_binaries(login=login is not None)
     if problem is not None:
         if IN_CI:
             pytest.fail(f"{problem}; CI=true requires the private-server tests to run")
         pytest.skip(problem)
     with Topology() as topology:
-        yield topology.add("primary", settings=settings)
+        yield topology.add("primary", settings=settings, login=login)

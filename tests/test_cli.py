@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -27,9 +28,15 @@ from sessionforge.demo import DemoProgress, DemoResult, DemoSettings, build_mode
 from sessionforge.engines import EngineStatus
 from sessionforge.errors import DatabaseUnavailableError
 
+from .pgcluster import Login, PostgresServer, private_postgres
+
 SECRET = "s3cret"
 UNREACHABLE = f"postgresql://u:{SECRET}@127.0.0.1:1/x"
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+#: The role of the private server that checks passwords; both passwords need
+#: percent-encoding in a URL.
+LOGIN = Login("app", "p@ss:w/rd%")
+WRONG_PASSWORD = f"{SECRET}:p@ss/w%rd"
 
 
 # helpers -----------------------------------------------------------------------------
@@ -65,6 +72,11 @@ def assert_one_line_error(err: str, command: str) -> str:
     assert lines[0].startswith(f"sessionforge {command}: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def spellings(password: str) -> set[str]:
+    """``password`` as it is typed, and as a URL may percent-encode it."""
+    return {password, quote(password, safe=""), quote_plus(password)}
 
 
 def sqlite_url(path: Path) -> str:
@@ -619,17 +631,76 @@ def test_check_names_a_missing_role(
     assert "check that the server is up" not in line
 
 
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[PostgresServer]:
+    """A private server that asks for ``LOGIN``'s password (the shared one trusts all)."""
+    with private_postgres(login=LOGIN) as server:
+        yield server
+
+
 @pytest.mark.postgres
-def test_check_names_a_wrong_password(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    url = _render(make_url(pg_url).set(password=SECRET))
+@pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
+def test_check_names_a_wrong_password(
+    password_server: PostgresServer, driver: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = password_server.login_url.set(drivername=driver, password=WRONG_PASSWORD)
 
-    code = main(["check", url])
+    assert main(["check", _render(url)]) == 1
 
-    if code == 0:
-        pytest.skip("this PostgreSQL trusts the connection: it never checks a password")
-    line = assert_one_line_error(capsys.readouterr().err, "check")
-    assert "answered, but password authentication failed for user" in line
-    assert SECRET not in line
+    captured = capsys.readouterr()
+    line = assert_one_line_error(captured.err, "check")
+    assert line == (
+        f"sessionforge check: the server at {driver}://app:***@127.0.0.1:"
+        f"{password_server.port}/postgres answered, but password authentication failed "
+        'for user "app": check the password in the URL'
+    )
+    assert captured.out == ""
+    for spelling in spellings(WRONG_PASSWORD) | {SECRET}:
+        assert spelling not in captured.err
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
+def test_check_with_the_right_password_masks_it(
+    password_server: PostgresServer, driver: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = password_server.login_url.set(drivername=driver)
+
+    assert main(["check", _render(url)]) == 0
+
+    captured = capsys.readouterr()
+    port = password_server.port
+    assert f"url:      {driver}://app:***@127.0.0.1:{port}/postgres (command line)" in captured.out
+    assert captured.out.endswith("ok\n")
+    for spelling in spellings(LOGIN.password):
+        assert spelling not in captured.out + captured.err
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("password", "code", "shown"),
+    [
+        # The server echoes nothing of the URL; check prints it, masked.
+        pytest.param(LOGIN.password, 0, "url:      postgresql+asyncpg://app:***@", id="right"),
+        # The server's refusal names the user.
+        pytest.param(
+            WRONG_PASSWORD, 1, 'password authentication failed for user "app"', id="wrong"
+        ),
+    ],
+)
+def test_check_never_prints_the_password(
+    password_server: PostgresServer, password: str, code: int, shown: str, tmp_path: Path
+) -> None:
+    url = _render(password_server.login_url.set(password=password))
+    assert quote(password, safe="") in url  # percent-encoded, as a user must write it
+
+    returned, out, err = run_module("check", cwd=tmp_path, env={"DATABASE_URL": url})
+
+    assert returned == code, err
+    assert shown in out + err
+    assert "Traceback" not in err
+    for spelling in spellings(password) | {SECRET}:
+        assert spelling not in out + err
 
 
 @pytest.mark.postgres

@@ -1,8 +1,9 @@
 """Why a connection failed, as ``db.ping()``, ``db.sync.ping()`` and ``check`` word it.
 
 Every failure is provoked for real (a missing database or role on the PostgreSQL
-server, a closed port, a SQLite path whose directory does not exist), through both
-twins, and the message is checked for what it says and for the password it must not.
+server, a wrong password on a private server that checks passwords, a closed port, a
+SQLite path whose directory does not exist), through both twins, and the message is
+checked for what it says and for the password it must not hold, in any spelling.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import traceback
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -21,6 +25,8 @@ from sessionforge import DatabaseUnavailableError, SessionFactory
 from sessionforge.cli import main
 from sessionforge.diagnosis import diagnose, explain
 
+from .pgcluster import Login, PostgresServer, private_postgres
+
 SECRET = "s3cr3t-marker"
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
 POSTGRES_DRIVERS = [
@@ -28,6 +34,9 @@ POSTGRES_DRIVERS = [
     pytest.param("postgresql+psycopg", id="psycopg"),  # libpq's text only, at connect
 ]
 NETWORK_ADVICE = "check that the server is up, the host and port, and any firewall in between"
+#: The private server's role; both passwords need percent-encoding in a URL.
+LOGIN = Login("app", "p@ss:w/rd%")
+WRONG_PASSWORD = f"{SECRET}:p@ss/w%rd"
 
 
 async def ping_error(url: str | URL, twin: str) -> DatabaseUnavailableError:
@@ -46,6 +55,11 @@ async def ping_error(url: str | URL, twin: str) -> DatabaseUnavailableError:
 
 def _render(url: URL) -> str:
     return url.render_as_string(hide_password=False)
+
+
+def spellings(password: str) -> set[str]:
+    """``password`` as it is typed, and as a URL may percent-encode it."""
+    return {password, quote(password, safe=""), quote_plus(password)}
 
 
 def with_password(pg_url: str, driver: str, database: str) -> URL:
@@ -147,6 +161,52 @@ async def test_lifespan_with_ping_names_a_missing_database(pg_url: str) -> None:
     assert message.startswith("startup check failed: the server at postgresql+asyncpg://")
     assert f'answered, but database "{name}" does not exist: create it' in message
     assert str(url.password) not in message
+
+
+# PostgreSQL: a server that checks passwords ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[PostgresServer]:
+    with private_postgres(login=LOGIN) as server:
+        yield server
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
+@pytest.mark.parametrize("twin", TWINS)
+async def test_ping_names_a_wrong_password(
+    password_server: PostgresServer, driver: str, twin: str
+) -> None:
+    url = password_server.login_url.set(drivername=driver, password=WRONG_PASSWORD)
+
+    error = await ping_error(url, twin)
+
+    message = str(error)
+    assert message.startswith("the server at postgresql+")  # the sync twin's: psycopg
+    assert message.endswith(
+        f"://app:***@127.0.0.1:{password_server.port}/postgres answered, but password "
+        'authentication failed for user "app": check the password in the URL'
+    )
+    # Nor in what a log would show: the traceback, the driver's error chained in it.
+    shown = message + "".join(traceback.format_exception(error))
+    for spelling in spellings(WRONG_PASSWORD) | {SECRET}:
+        assert spelling not in shown
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
+@pytest.mark.parametrize("twin", TWINS)
+async def test_ping_with_the_right_password_answers(
+    password_server: PostgresServer, driver: str, twin: str
+) -> None:
+    db: SessionFactory[Any] = SessionFactory(password_server.login_url.set(drivername=driver))
+    try:
+        seconds = await db.ping(timeout=5) if twin == "async" else db.sync.ping(timeout=5)
+    finally:
+        await db.dispose()
+
+    assert 0 < seconds < 5
 
 
 # the network -------------------------------------------------------------------------
