@@ -552,3 +552,8 @@ def test_ill_typed_values_are_shown_masked(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError, match="is invalid") as raised:
         FactoryConfig.from_url("sqlite://", **options)
     assert "s3cret" not in str(raised.value)
+
+
+def test_an_async_session_class_as_sync_class_points_to_session_factory() -> None:
+    with pytest.raises(ConfigurationError, match=r"AsyncSessions come from SessionFactory"):
+        SyncSessionFactory("sqlite://", sync_class_=AsyncSession)  # type: ignore[type-var]

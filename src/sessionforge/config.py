@@ -412,6 +412,12 @@ def _check_class(base: type) -> Callable[[str, Any], None]:
         if value is None and base is Session:
             return
         if not (isinstance(value, type) and issubclass(value, base)):
+            if base is Session and isinstance(value, type) and issubclass(value, AsyncSession):
+                raise ConfigurationError(
+                    f"{name}={value.__name__} is an AsyncSession class, but {name} is the "
+                    "sync Session class; AsyncSessions come from SessionFactory(target, "
+                    f"class_={value.__name__})"
+                )
             raise _ill_typed(name, value, f"a subclass of {base.__module__}.{base.__name__}")
 
     return check
