@@ -38,6 +38,7 @@ from .config import mask_url
 __all__ = [
     "diagnose",
     "explain",
+    "scrub",
     "sqlite_cannot_open",
     "sqlite_path",
     "sqlite_unopenable",
@@ -108,7 +109,7 @@ def explain(url: URL, exc: BaseException, timeout: float | None) -> str:
         within = "in time" if timeout is None else f"within {timeout:g}s"
         return f"cannot reach the database at {where} (no answer {within}); " + _NETWORK_ADVICE
     original = _original(exc)
-    text = _scrub(str(original).strip(), url)
+    text = scrub(str(original).strip(), url)
     first_line = text.splitlines()[0] if text else ""
     name = type(original).__name__
     reason = f"{name}: {first_line}" if first_line else name
@@ -121,7 +122,7 @@ def explain(url: URL, exc: BaseException, timeout: float | None) -> str:
 def diagnose(url: URL, exc: BaseException) -> str | None:
     """What is wrong when ``exc`` shows the database answered; ``None`` if it did not."""
     original = _original(exc)
-    text = _scrub(str(original), url)
+    text = scrub(str(original), url)
     if dialects.is_sqlite(url):
         if "unable to open database file" in text:
             return sqlite_cannot_open(url)
@@ -170,7 +171,7 @@ def _original(exc: BaseException) -> BaseException:
     return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
 
 
-def _scrub(text: str, url: URL) -> str:
+def scrub(text: str, url: URL) -> str:
     """``text`` with every spelling of the URL's password as ``***``."""
     password = url.password
     if not password:

@@ -24,6 +24,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from . import _sqla, dialects
 from .config import FactoryConfig, mask_url
+from .diagnosis import scrub
 from .errors import ConfigurationError
 
 __all__ = [
@@ -71,7 +72,7 @@ def build_async_engine(config: FactoryConfig) -> AsyncEngine:
     try:
         engine = create_async_engine(url, **kwargs)
     except (ArgumentError, TypeError) as exc:
-        raise _engine_error(url, exc) from exc
+        raise _engine_error(url, exc) from None  # its text may hold the password
     _prepare(engine.sync_engine, config)
     return engine
 
@@ -84,15 +85,16 @@ def build_sync_engine(config: FactoryConfig) -> Engine:
     try:
         engine = create_engine(url, **kwargs)
     except (ArgumentError, TypeError) as exc:
-        raise _engine_error(url, exc) from exc
+        raise _engine_error(url, exc) from None  # its text may hold the password
     _prepare(engine, config)
     return engine
 
 
 def _engine_error(url: URL, exc: Exception) -> ConfigurationError:
+    # SQLAlchemy's message may quote the URL: every spelling of the password goes.
     return ConfigurationError(
-        f"could not build an engine for {mask_url(url)}: {exc}; check engine_options, "
-        "connect_args and the pool options"
+        f"could not build an engine for {mask_url(url)}: {scrub(str(exc), url)}; check "
+        "engine_options, connect_args and the pool options"
     )
 
 
