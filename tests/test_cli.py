@@ -22,10 +22,10 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 from sessionforge import SessionFactory
+from sessionforge._internal.core import FactoryStatus
+from sessionforge._internal.engines import EngineStatus
 from sessionforge.cli import ProgressLine, format_demo, main
-from sessionforge.core import FactoryStatus
-from sessionforge.demo import DemoProgress, DemoResult, DemoSettings, build_models, run_demo
-from sessionforge.engines import EngineStatus
+from sessionforge.cli.demo import DemoProgress, DemoResult, DemoSettings, build_models, run_demo
 from sessionforge.errors import DatabaseUnavailableError
 
 from .pgcluster import Login, PostgresServer, private_postgres

@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 from sessionforge import DatabaseUnavailableError, SessionFactory
+from sessionforge._internal.diagnosis import diagnose, explain
 from sessionforge.cli import main
-from sessionforge.diagnosis import diagnose, explain
 
 from .pgcluster import Login, PostgresServer, private_postgres
 

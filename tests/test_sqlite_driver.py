@@ -23,7 +23,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from sessionforge import FactoryConfig, SessionFactory
 from sessionforge.dialects import is_retryable, known_drivers
-from sessionforge.sqlite_driver import ConnectionThread
+from sessionforge.drivers.sqlite import ConnectionThread
 
 from .conftest import FactoryMaker
 from .models import Models

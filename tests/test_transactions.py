@@ -655,7 +655,7 @@ def test_non_finite_and_too_long_timeouts_are_refused(twin: str, url: str, timeo
 def test_the_longest_timeout_fits_postgres_statement_timeout() -> None:
     from sqlalchemy.engine import make_url
 
-    from sessionforge.transactions import transaction_options
+    from sessionforge._internal.transactions import transaction_options
 
     options = transaction_options(
         make_url("postgresql+asyncpg://h/d"),
@@ -713,7 +713,7 @@ def test_options_that_would_be_silently_ignored_are_refused(
 
 
 def test_backoff_must_be_finite_and_long_retry_runs_do_not_overflow() -> None:
-    from sessionforge.transactions import RetryPolicy
+    from sessionforge._internal.transactions import RetryPolicy
 
     for backoff in (float("nan"), float("inf"), 10**400):
         with pytest.raises(ConfigurationError, match=r"backoff=.* is invalid"):

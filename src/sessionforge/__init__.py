@@ -5,13 +5,13 @@ Importing sessionforge imports SQLAlchemy and nothing of FastAPI, Starlette or p
 
 from __future__ import annotations
 
-from . import _sqla as _sqla  # registers event routing for factories
 from . import errors as errors
+from ._internal import sqla as _sqla  # noqa: F401 (registers event routing for factories)
+from ._internal.core import FactoryStatus as FactoryStatus
+from ._internal.engines import EngineStatus as EngineStatus
 from .config import DEFAULT_URL as DEFAULT_URL
 from .config import FactoryConfig as FactoryConfig
 from .config import FactoryOptions as FactoryOptions
-from .core import FactoryStatus as FactoryStatus
-from .engines import EngineStatus as EngineStatus
 from .errors import ConcurrentSessionUseError as ConcurrentSessionUseError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError

@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .cancellation import end_and_close
-from .context import Deferred
+from ._internal.cancellation import end_and_close
+from ._internal.context import Deferred
+from ._internal.session import retire
+from ._internal.transactions import ATOMIC_DEPTH
 from .errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     NestedTransactionError,
     SessionClosedError,
 )
-from .session import retire
-from .transactions import ATOMIC_DEPTH
 
 if TYPE_CHECKING:
     from .factory import SessionFactory

@@ -31,13 +31,17 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from . import dialects
-from .cancellation import end_and_close, run_to_completion
-from .config import FactoryArguments, FactoryConfig
-from .core import FactoryCore, FactoryStatus, check_ping_timeout, resolve_target, unavailable
-from .engines import check_driver
-from .errors import ConfigurationError, TransactionTimeoutError
-from .stats import open_sessions
-from .transactions import (
+from ._internal.cancellation import end_and_close, run_to_completion
+from ._internal.core import (
+    FactoryCore,
+    FactoryStatus,
+    check_ping_timeout,
+    resolve_target,
+    unavailable,
+)
+from ._internal.engines import check_driver
+from ._internal.stats import open_sessions
+from ._internal.transactions import (
     RetryPolicy,
     RetryPredicate,
     TransactionOptions,
@@ -46,6 +50,8 @@ from .transactions import (
     check_joinable,
     joins,
 )
+from .config import FactoryArguments, FactoryConfig
+from .errors import ConfigurationError, TransactionTimeoutError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

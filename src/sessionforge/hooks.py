@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_session
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import await_
 
-from ._sqla import in_greenlet
+from ._internal.sqla import in_greenlet
 from .errors import ConfigurationError
 
 __all__ = ["HookError", "after_rollback", "hook_errors", "install", "on_commit"]

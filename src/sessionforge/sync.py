@@ -17,12 +17,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import dialects
-from .config import FactoryConfig, SyncFactoryArguments
-from .core import FactoryCore, FactoryStatus, check_ping_timeout, resolve_target, unavailable
-from .engines import check_driver
-from .errors import TransactionTimeoutError
-from .stats import open_sessions
-from .transactions import (
+from ._internal.core import (
+    FactoryCore,
+    FactoryStatus,
+    check_ping_timeout,
+    resolve_target,
+    unavailable,
+)
+from ._internal.engines import check_driver
+from ._internal.stats import open_sessions
+from ._internal.transactions import (
     RetryPolicy,
     RetryPredicate,
     TransactionOptions,
@@ -31,6 +35,8 @@ from .transactions import (
     check_joinable,
     joins,
 )
+from .config import FactoryConfig, SyncFactoryArguments
+from .errors import TransactionTimeoutError
 
 if TYPE_CHECKING:
     from typing import Unpack

@@ -19,9 +19,11 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session
 
-from . import hooks, stats, transactions
+from sessionforge import hooks
+from sessionforge.errors import ConcurrentSessionUseError, ReadOnlySessionError, SessionClosedError
+
+from . import stats, transactions
 from .cancellation import end_and_close
-from .errors import ConcurrentSessionUseError, ReadOnlySessionError, SessionClosedError
 
 __all__ = [
     "AsyncHookMethods",

@@ -18,9 +18,9 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import dialects
-from .config import finite_seconds, shown_value
-from .errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
+from sessionforge import dialects
+from sessionforge.config import finite_seconds, shown_value
+from sessionforge.errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
 
 __all__ = [
     "RetryPolicy",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Generic, TypeVar
 
-from .errors import NoCurrentSessionError
+from sessionforge.errors import NoCurrentSessionError
 
 __all__ = ["CurrentSession", "Deferred"]
 

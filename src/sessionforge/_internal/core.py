@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.sql.expression import TableClause
 
-from . import dialects
-from .config import (
+from sessionforge import dialects
+from sessionforge.config import (
     ENGINE_OPTIONS,
     PRESET_OPTIONS,
     SESSION_LEVEL_OPTIONS,
@@ -30,6 +30,8 @@ from .config import (
     mask_url,
     session_argument_names,
 )
+from sessionforge.errors import ConfigurationError, DatabaseUnavailableError
+
 from .context import CurrentSession
 from .diagnosis import explain
 from .engines import (
@@ -39,7 +41,6 @@ from .engines import (
     check_driver,
     engine_status,
 )
-from .errors import ConfigurationError, DatabaseUnavailableError
 from .loops import LoopEngines
 from .session import make_session_classes, reader_classes
 from .stats import FactoryStats, connected_engine, opened_session
@@ -683,8 +684,8 @@ def check_binds(binds: object, *, twin: Twin) -> dict[Any, BindTarget]:
             f"binds must be a dict of {{mapped class, Mapper or Table: engine or factory}}, "
             f"got {type(binds).__name__}"
         )
-    from .factory import SessionFactory
-    from .sync import SyncSessionFactory
+    from sessionforge.factory import SessionFactory
+    from sessionforge.sync import SyncSessionFactory
 
     checked: dict[Any, BindTarget] = {}
     for key, target in binds.items():

@@ -32,8 +32,8 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from . import dialects
-from .config import mask_url
+from sessionforge import dialects
+from sessionforge.config import mask_url
 
 __all__ = [
     "diagnose",

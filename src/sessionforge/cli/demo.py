@@ -41,11 +41,11 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
-from .config import FactoryConfig, mask_url
-from .core import FactoryStatus, unavailable
-from .engines import engine_status
-from .errors import ConfigurationError
-from .factory import SessionFactory
+from sessionforge._internal.core import FactoryStatus, unavailable
+from sessionforge._internal.engines import engine_status
+from sessionforge.config import FactoryConfig, mask_url
+from sessionforge.errors import ConfigurationError
+from sessionforge.factory import SessionFactory
 
 __all__ = [
     "DEFAULT_DEMO_URL",

@@ -22,10 +22,12 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from . import _sqla, dialects
-from .config import FactoryConfig, mask_url
+from sessionforge import dialects
+from sessionforge.config import FactoryConfig, mask_url
+from sessionforge.errors import ConfigurationError
+
+from . import sqla as _sqla
 from .diagnosis import scrub
-from .errors import ConfigurationError
 
 __all__ = [
     "EngineStatus",

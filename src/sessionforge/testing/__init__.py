@@ -59,12 +59,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.util import await_
 
-from ._sqla import in_greenlet
-from .core import FactoryBind, FactoryCore, IsolatedConnection
-from .errors import ConfigurationError, SessionClosedError
-from .factory import SessionFactory
-from .hooks import CAPTURE_KEY, Hook
-from .sync import SyncSessionFactory
+from sessionforge._internal.core import FactoryBind, FactoryCore, IsolatedConnection
+from sessionforge._internal.sqla import in_greenlet
+from sessionforge.errors import ConfigurationError, SessionClosedError
+from sessionforge.factory import SessionFactory
+from sessionforge.hooks import CAPTURE_KEY, Hook
+from sessionforge.sync import SyncSessionFactory
 
 __all__ = ["AsyncIsolation", "SyncIsolation", "isolated"]
 

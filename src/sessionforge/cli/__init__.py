@@ -23,9 +23,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import dialects
-from .config import DEFAULT_URL, FactoryConfig, mask_url
-from .core import FactoryStatus
+from sessionforge import dialects
+from sessionforge._internal.core import FactoryStatus
+from sessionforge._internal.diagnosis import sqlite_cannot_open, sqlite_path, sqlite_unopenable
+from sessionforge._internal.engines import EngineStatus, engine_status
+from sessionforge.config import DEFAULT_URL, FactoryConfig, mask_url
+from sessionforge.errors import ConfigurationError, DatabaseUnavailableError, SessionForgeError
+from sessionforge.factory import SessionFactory
+
 from .demo import (
     DEFAULT_DEMO_URL,
     DemoProgress,
@@ -34,10 +39,6 @@ from .demo import (
     run_demo,
     validate_settings,
 )
-from .diagnosis import sqlite_cannot_open, sqlite_path, sqlite_unopenable
-from .engines import EngineStatus, engine_status
-from .errors import ConfigurationError, DatabaseUnavailableError, SessionForgeError
-from .factory import SessionFactory
 
 __all__ = ["main"]
 

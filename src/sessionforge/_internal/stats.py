@@ -20,7 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _sqla
+from . import sqla as _sqla
 
 __all__ = [
     "Counters",

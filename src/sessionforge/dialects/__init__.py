@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
-    from .config import FactoryConfig
+    from sessionforge.config import FactoryConfig
 
 __all__ = [
     "BEGIN_OPTION",
@@ -75,7 +75,7 @@ _DRIVERS: Final[tuple[DriverInfo, ...]] = (
 # Our own async SQLite driver (sqlite_driver.py), opt-in: sqlite+sessionforge:///app.db.
 # Registered lazily: the module is imported when such a URL is first used.
 registry.register(
-    "sqlite.sessionforge", "sessionforge.sqlite_driver", "SQLiteDialect_sessionforge"
+    "sqlite.sessionforge", "sessionforge.drivers.sqlite", "SQLiteDialect_sessionforge"
 )
 
 # The async driver a URL without one gets, and the async driver we point users of a
@@ -205,7 +205,7 @@ def isolation_levels(dialect: str) -> frozenset[str] | None:
 
 def check_isolation_level(url: URL, level: str) -> str:
     """Return ``level`` normalised ("repeatable_read" → "REPEATABLE READ"), or raise."""
-    from .errors import ConfigurationError
+    from sessionforge.errors import ConfigurationError
 
     if not isinstance(level, str):
         raise ConfigurationError(
@@ -246,7 +246,7 @@ _BOOLS: Final = frozenset(
 
 def check_url(url: URL) -> None:
     """Refuse what ``url``'s dialect would refuse (or ignore) when the engine is built."""
-    from .errors import ConfigurationError
+    from sessionforge.errors import ConfigurationError
 
     if not is_sqlite(url):
         return
@@ -400,7 +400,7 @@ def _refuse_unopenable_files(engine: Engine) -> None:
     # event loop, which may be closed by then ("Event loop is closed" in a thread).
     # The common causes (no such directory, a directory given) are told from the path
     # alone, so they fail here, as sqlite3 itself would fail, before any thread.
-    from .diagnosis import sqlite_unopenable  # diagnosis imports this module
+    from sessionforge._internal.diagnosis import sqlite_unopenable  # diagnosis imports this module
 
     url = engine.url
 
@@ -581,7 +581,7 @@ def transaction_execution_options(
     url: URL, isolation_level: str | None, readonly: bool
 ) -> dict[str, Any]:
     """Execution options that give one transaction its isolation level / read-only mode."""
-    from .errors import ConfigurationError
+    from sessionforge.errors import ConfigurationError
 
     options: dict[str, Any] = {}
     if isolation_level is not None:
@@ -663,7 +663,7 @@ def _end_reader_autocommit(dbapi_connection: Any, record: ConnectionPoolEntry) -
 
 def check_settings(url: URL, settings: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """Validate transaction-local server settings; return (name, value) text pairs."""
-    from .errors import ConfigurationError
+    from sessionforge.errors import ConfigurationError
 
     if not isinstance(settings, Mapping):
         raise ConfigurationError(
@@ -689,7 +689,7 @@ def check_settings(url: URL, settings: Mapping[str, Any]) -> tuple[tuple[str, st
 
 def _setting_text(name: str, value: object) -> str:
     """A setting's value as the text set_config() gets; values are never echoed."""
-    from .errors import ConfigurationError
+    from sessionforge.errors import ConfigurationError
 
     def invalid(problem: str) -> ConfigurationError:
         return ConfigurationError(f"setting {name!r} has {problem}")
