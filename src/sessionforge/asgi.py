@@ -187,7 +187,7 @@ class SessionMiddleware:
         self.factory = factory
         self.commit: CommitMode = commit
         # The factory's own current-session variable: db.current() and atomic() read it.
-        self._current = factory._core.current_async
+        self._current = core_of(factory).current_async
         self._make = factory.__call__
 
     def _commits(self, status: int) -> bool:
@@ -246,7 +246,7 @@ def make_dependency(
         raise ImportError(
             "db.dependency() needs FastAPI: pip install 'sessionforge[fastapi]'"
         ) from error
-    current = factory._core.current_async
+    current = core_of(factory).current_async
     commits = commit == "auto"
 
     async def session_dependency(connection: HTTPConnection) -> _AS:

@@ -59,6 +59,7 @@ __all__ = [
     "Resolved",
     "Twin",
     "check_ping_timeout",
+    "core_of",
     "resolve_target",
     "unavailable",
 ]
@@ -548,6 +549,13 @@ class FactoryCore(Generic[_AS]):
         options = "".join(f", {k}={v!r}" for k, v in shown.items())
         where = None if url is None else mask_url(url)
         return f"{name}(class_={class_.__name__!r}, url={where!r}{options})"
+
+
+def core_of(factory: Any) -> FactoryCore[Any]:
+    """The core of a ``SessionFactory`` or ``SyncSessionFactory``, for sessionforge's own
+    integrations (``asgi``, ``testing``); users never need it."""
+    core: FactoryCore[Any] = factory._core
+    return core
 
 
 def check_ping_timeout(timeout: object) -> None:
