@@ -24,8 +24,9 @@ from sqlalchemy.engine import URL, make_url
 from sessionforge import SessionFactory
 from sessionforge._internal.core import FactoryStatus
 from sessionforge._internal.engines import EngineStatus
-from sessionforge.cli import ProgressLine, format_demo, main
-from sessionforge.cli.demo import DemoProgress, DemoResult, DemoSettings, build_models, run_demo
+from sessionforge.cli import main
+from sessionforge.cli.demo import DemoResult, ProgressLine, format_demo, run_demo
+from sessionforge.cli.workload import DemoProgress, DemoSettings, build_models
 from sessionforge.errors import DatabaseUnavailableError
 
 from .pgcluster import Login, PostgresServer, private_postgres
@@ -252,7 +253,7 @@ def test_an_unexpected_error_is_one_line_exit_1_without_the_password(
     async def broken(*args: object) -> None:
         raise RuntimeError(f"the driver said {SECRET!r}")
 
-    monkeypatch.setattr("sessionforge.cli.gather_check", broken)
+    monkeypatch.setattr("sessionforge.cli.check.gather_check", broken)
 
     assert main(["check", f"postgresql://u:{SECRET}@127.0.0.1/x"]) == 1
 
@@ -419,7 +420,7 @@ def test_a_broken_invariant_is_reported(
     async def broken(settings: DemoSettings, progress: object = None) -> DemoResult:
         return _result(plain=settings.plain, final_total=1900)
 
-    monkeypatch.setattr("sessionforge.cli.run_demo", broken)
+    monkeypatch.setattr("sessionforge.cli.demo.run_demo", broken)
 
     assert main(["demo", *(["--plain"] if plain else [])]) == code
 

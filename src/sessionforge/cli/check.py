@@ -1,0 +1,140 @@
+"""``sessionforge check [URL]``: connect, ping and describe a database, or say why not.
+
+Gathering (``resolve_config``, ``gather_check`` into a ``CheckReport``) is apart from
+printing (``format_check``), and ``run_check`` ties them to the command line. Also here,
+because ``demo`` uses them as well: the SQLite pre-check ``refuse_unopenable_sqlite`` and
+``figure``, the way a pool figure is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sessionforge import dialects
+from sessionforge._internal.diagnosis import sqlite_cannot_open, sqlite_path, sqlite_unopenable
+from sessionforge._internal.engines import EngineStatus, engine_status
+from sessionforge.config import FactoryConfig, mask_url
+from sessionforge.errors import DatabaseUnavailableError
+from sessionforge.factory import SessionFactory
+
+from .exits import EXIT_NOT_CREATED, EXIT_OK, fail
+
+__all__ = [
+    "CheckReport",
+    "figure",
+    "format_check",
+    "gather_check",
+    "refuse_unopenable_sqlite",
+    "resolve_config",
+    "run_check",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """Everything ``sessionforge check`` prints about a reachable database."""
+
+    url: str
+    source: str
+    dialect: str
+    driver: str
+    server_version: str
+    presets: dict[str, Any]
+    pool: EngineStatus
+    ping_seconds: float
+
+
+def resolve_config(url: str | None) -> tuple[FactoryConfig, str]:
+    """Return the config for ``url`` (else DATABASE_URL, else the default) and its source."""
+    if url is not None:
+        return FactoryConfig.from_url(url), "command line"
+    source = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded default"
+    return FactoryConfig.from_env(), source
+
+
+async def gather_check(config: FactoryConfig, source: str, timeout: float) -> CheckReport:
+    """Build a factory, ping it and describe what it connected to; always dispose it.
+
+    Raises ``ConfigurationError`` or ``DatabaseUnavailableError``.
+    """
+    async with SessionFactory(config) as db:
+        seconds = await db.ping(timeout=timeout)
+        engine = db.engine
+        return CheckReport(
+            url=mask_url(db.url),
+            source=source,
+            dialect=engine.dialect.name,
+            driver=engine.dialect.driver,
+            server_version=_server_version(engine),
+            presets=dialects.describe_presets(db.config, db.url),
+            pool=engine_status("async", engine.sync_engine),
+            ping_seconds=seconds,
+        )
+
+
+def _server_version(engine: AsyncEngine) -> str:
+    """The server's version as the dialect read it on first connect (after a ping)."""
+    info = engine.dialect.server_version_info
+    return ".".join(str(part) for part in info) if info else "unknown"
+
+
+def format_check(report: CheckReport) -> list[str]:
+    """The lines ``sessionforge check`` prints for a reachable database."""
+    pool = report.pool
+    presets = ", ".join(f"{name}={value}" for name, value in report.presets.items())
+    return [
+        f"url:      {report.url} ({report.source})",
+        f"dialect:  {report.dialect}",
+        f"driver:   {report.driver}",
+        f"server:   {report.dialect} {report.server_version}",
+        f"presets:  {presets or 'none'}",
+        f"pool:     {pool.pool} size={figure(pool.size)} "
+        f"max_overflow={figure(pool.max_overflow)} timeout={figure(pool.timeout)}s",
+        f"ping:     {report.ping_seconds * 1000:.1f} ms",
+        "ok",
+    ]
+
+
+def figure(value: object) -> str:
+    """A pool figure as printed: ``n/a`` for none, a float without trailing zeros."""
+    return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def refuse_unopenable_sqlite(url: URL) -> None:
+    """Raise ``DatabaseUnavailableError`` when the path shows SQLite cannot open the file.
+
+    Checked before connecting because aiosqlite (0.22) leaves the thread of a failed
+    connect running, to post its result into an event loop that may be closed by then
+    ("Event loop is closed" printed from a thread as the command exits).
+    """
+    if sqlite_unopenable(url) is not None:
+        raise DatabaseUnavailableError(sqlite_cannot_open(url))
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``sessionforge check [URL]``: print what the URL connects to, or why it does not.
+
+    A SQLite file that does not exist is reported, not created (exit 3).
+    """
+    config, source = resolve_config(args.url)
+    url = config.async_url
+    refuse_unopenable_sqlite(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return fail(
+            "check",
+            f"the SQLite database {mask_url(url)} ({source}) does not exist yet: "
+            f"{path.absolute()} will be created on first use; check created nothing",
+            EXIT_NOT_CREATED,
+        )
+    report = asyncio.run(gather_check(config, source, args.timeout))
+    for line in format_check(report):
+        print(line)
+    return EXIT_OK
