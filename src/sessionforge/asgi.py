@@ -239,7 +239,15 @@ class SessionMiddleware:
 def make_dependency(
     factory: SessionFactory[_AS], make: Callable[[], _AS], key: object, commit: str
 ) -> Callable[..., Awaitable[_AS]]:
-    """Build the FastAPI dependency behind ``db.dependency(...)`` (memoised there)."""
+    """Build the FastAPI dependency behind ``db.dependency(...)`` (memoised there).
+
+    ``commit="auto"`` commits when the endpoint returns and rolls back when it raises
+    (``HTTPException`` included); ``"manual"`` never commits. The session is the
+    request's current one (``db.current()``); ``db.atomic()`` in the request is a
+    SAVEPOINT of its transaction. The same options give the same dependency, so every
+    use in one request shares one session. Inside ``SessionMiddleware`` the
+    middleware's session is shared and the middleware ends it.
+    """
     check_commit_mode(commit, DEPENDENCY_MODES, "db.dependency()")
     try:
         from starlette.requests import HTTPConnection

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,24 +22,12 @@ from typing import (
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
-    AsyncEngine,
-    AsyncSession,
-    AsyncSessionTransaction,
-)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from . import dialects
-from ._internal.cancellation import end_and_close, run_to_completion
-from ._internal.core import (
-    FactoryCore,
-    FactoryStatus,
-    check_ping_timeout,
-    resolve_target,
-    unavailable,
-)
-from ._internal.engines import check_driver
-from ._internal.stats import open_sessions
+from ._internal.begin import AsyncBeginContext as AsyncBeginContext
+from ._internal.core import FactoryCore
+from ._internal.diagnosis import check_ping_timeout, unavailable
+from ._internal.targets import resolve_target
 from ._internal.transactions import (
     RetryPolicy,
     RetryPredicate,
@@ -50,8 +37,8 @@ from ._internal.transactions import (
     check_joinable,
     joins,
 )
+from ._internal.twin import TwinBase
 from .config import FactoryArguments, FactoryConfig
-from .errors import ConfigurationError, TransactionTimeoutError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -66,7 +53,7 @@ _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
 
 
-class SessionFactory(Generic[_AS]):
+class SessionFactory(TwinBase, Generic[_AS]):
     """A configurable factory of ``AsyncSession`` objects, like ``async_sessionmaker``.
 
     Calling it makes a session; nothing is checked out of the pool until the session
@@ -87,6 +74,8 @@ class SessionFactory(Generic[_AS]):
 
         await db.dispose()
     """
+
+    _twin = "async"
 
     @overload
     def __init__(
@@ -116,9 +105,7 @@ class SessionFactory(Generic[_AS]):
     ) -> None:
         if class_ is not None:
             options["class_"] = class_
-        resolved = resolve_target(target, options, twin="async")
-        if resolved.config.url is not None:
-            check_driver(resolved.config.async_url, is_async=True)
+        resolved = resolve_target(target, options, "async")
         self._core: FactoryCore[_AS] = FactoryCore(resolved, twin="async")
         self._sync: SyncSessionFactory[Session] | None = None
         self._dependencies: dict[tuple[str, object], Callable[..., Awaitable[_AS]]] = {}
@@ -155,9 +142,7 @@ class SessionFactory(Generic[_AS]):
         ``TransactionTimeoutError`` raised. ``settings`` are transaction-local
         PostgreSQL settings (``set_config(name, value, true)``, values bound).
         """
-        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
-        if overrides:
-            self._core.session_kwargs(overrides, "async")  # bad arguments fail here
+        options = self._begin_options(isolation_level, readonly, timeout, settings, overrides)
         return AsyncBeginContext(functools.partial(self._session, options, overrides), options)
 
     def reader(self, **overrides: Any) -> _AS:
@@ -206,8 +191,18 @@ class SessionFactory(Generic[_AS]):
 
             await db.run_transaction(transfer, 1, 2, 100, isolation_level="SERIALIZABLE")
         """
-        policy = RetryPolicy.build(retries, backoff, retry_if)
-        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        policy, options = self._retry_options(
+            retries, backoff, retry_if, isolation_level, readonly, timeout, settings
+        )
+        return await self._run_transaction(fn, args, policy, options)
+
+    async def _run_transaction(
+        self,
+        fn: Callable[[_AS, Unpack[_Ts]], Awaitable[_T]],
+        args: tuple[*_Ts],
+        policy: RetryPolicy,
+        options: TransactionOptions | None,
+    ) -> _T:
         attempt = 0
         while True:
             attempt += 1
@@ -245,25 +240,16 @@ class SessionFactory(Generic[_AS]):
 
             await transfer(1, 2, 100)
         """
-        RetryPolicy.build(retries, backoff, retry_if)
-        self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        options = self._retry_options(
+            retries, backoff, retry_if, isolation_level, readonly, timeout, settings
+        )
 
         def decorate(
             fn: Callable[[_AS, Unpack[_Ts]], Awaitable[_T]],
         ) -> Callable[[Unpack[_Ts]], Awaitable[_T]]:
             @functools.wraps(fn)
             async def run(*args: *_Ts) -> _T:
-                return await self.run_transaction(
-                    fn,
-                    *args,
-                    retries=retries,
-                    backoff=backoff,
-                    isolation_level=isolation_level,
-                    readonly=readonly,
-                    timeout=timeout,
-                    settings=settings,
-                    retry_if=retry_if,
-                )
+                return await self._run_transaction(fn, args, *options)
 
             return run
 
@@ -334,40 +320,23 @@ class SessionFactory(Generic[_AS]):
             if not depth:
                 await current.commit()
 
-    def configure(self, **options: Any) -> None:
-        """Change session options for later sessions of this factory and its twin.
-
-        As ``sessionmaker.configure()``: ``bind=`` (a URL, an ``AsyncEngine`` or an
-        ``AsyncConnection``) binds a factory made without one, before it first builds
-        an engine; ``binds={...}`` replaces the factory's binds.
-        """
-        self._core.configure(options, "async")
-
     # sessionmaker's class methods ----------------------------------------------------
 
-    # As AsyncSession's own: object_session() answers the (sync) Session, like
-    # AsyncSession.object_session; sqlalchemy.ext.asyncio.async_object_session() gives
-    # the AsyncSession.
+    # As AsyncSession's: the sync Session (async_object_session() gives the AsyncSession)
     object_session = staticmethod(AsyncSession.object_session)
     identity_key = staticmethod(AsyncSession.identity_key)
 
     async def close_all(self) -> int:
         """Close every open session this factory made in the running event loop.
 
-        For a graceful shutdown: sessions still in a transaction are rolled back and
-        their connections returned. Sessions holding a connection of another event
-        loop are left alone (they can only be closed in their own loop). Returns how
-        many sessions were closed. (SQLAlchemy 2.1 removed ``sessionmaker.close_all()``;
-        ``sqlalchemy.orm.close_all_sessions()`` closes every session of the process.)
+        For a graceful shutdown: sessions in a transaction are rolled back, their
+        connections returned; those holding another loop's connection are left alone.
+        Returns how many were closed (``sessionmaker.close_all()`` is gone in 2.1).
         """
-        closed = 0
-        for sync_session in open_sessions(self._core.sync_class):
-            session = AsyncSession._retrieve_proxy_for_target(sync_session, regenerate=False)
-            if session is None or not self._core.in_this_loop(sync_session):
-                continue
+        sessions = self._core.open_sessions("async")
+        for session in sessions:
             await session.close()
-            closed += 1
-        return closed
+        return len(sessions)
 
     # the database ------------------------------------------------------------------
 
@@ -388,10 +357,6 @@ class SessionFactory(Generic[_AS]):
         except (DBAPIError, OSError, TimeoutError) as exc:
             raise unavailable(engine.url, exc, timeout) from exc
         return time.perf_counter() - started
-
-    def status(self) -> FactoryStatus:
-        """Pool figures; ``checked_out`` is the async engine's."""
-        return self._core.status(role="async")
 
     async def dispose(self) -> None:
         """Close the pooled connections of every engine this factory built.
@@ -437,26 +402,19 @@ class SessionFactory(Generic[_AS]):
         isolation_level: str | None = None,
     ) -> Callable[..., Awaitable[_AS]]:
         """A FastAPI dependency giving the request's session, its transaction ended
-        before the response is sent::
+        before the response is sent (``commit="auto"``: committed, or rolled back when
+        the endpoint raises; see ``sessionforge.asgi``)::
 
             SessionDep = Annotated[AsyncSession, Depends(db.dependency())]
-
-        ``commit="auto"`` commits when the endpoint returns and rolls back when it
-        raises (``HTTPException`` included); ``"manual"`` never commits. The session is
-        the request's current one (``db.current()``); ``db.atomic()`` in the request is
-        a SAVEPOINT of its transaction. The same options give the same dependency, so
-        every use in one request shares one session. Inside ``SessionMiddleware`` the
-        middleware's session is shared and the middleware ends it.
         """
         options = self._core.transaction_options(isolation_level, readonly, None, None)
-        options_key = None if options is None else options.cache_key
-        dependency = self._dependencies.get((commit, options_key))
+        key = (commit, None if options is None else options.cache_key)
+        dependency = self._dependencies.get(key)
         if dependency is None:
             from .asgi import make_dependency
 
-            dependency = self._dependencies[(commit, options_key)] = make_dependency(
-                self, functools.partial(self._session, options, {}), options_key, commit
-            )
+            make = functools.partial(self._session, options, {})
+            dependency = self._dependencies[key] = make_dependency(self, make, key[1], commit)
         return dependency
 
     # introspection -----------------------------------------------------------------
@@ -468,21 +426,11 @@ class SessionFactory(Generic[_AS]):
         A factory made on an ``AsyncConnection`` has none (``ConfigurationError``).
         """
         if self._sync is None:
-            if self._core.connection is not None:
-                raise ConfigurationError(
-                    "this factory was made on an AsyncConnection, which sync code cannot "
-                    "use, so it has no sync twin; make a SyncSessionFactory on a "
-                    "Connection (or a URL) for sync code"
-                )
+            self._core.check_sync_twin()
             from .sync import SyncSessionFactory
 
             self._sync = SyncSessionFactory._from_core(self._core)
         return self._sync
-
-    @property
-    def config(self) -> FactoryConfig:
-        """The current configuration (``configure()`` replaces it)."""
-        return self._core.config
 
     @property
     def class_(self) -> type[_AS]:
@@ -498,80 +446,5 @@ class SessionFactory(Generic[_AS]):
     def url(self) -> URL:
         return self._core.config.async_url
 
-    @property
-    def _sessionforge_event_target(self) -> type[Session]:
-        # Lets event.listen(db, ...) reach this factory's sessions (see _sqla.py).
-        return self._core.sync_class
-
     def __repr__(self) -> str:
         return self._core.describe("SessionFactory", self._core.config.class_, self.config.url)
-
-
-class AsyncBeginContext(Generic[_AS]):
-    """What ``SessionFactory.begin()`` returns: ``async with`` yields the session.
-
-    The session is made when the block is entered, so a context that is never
-    entered leaves nothing behind (and is not counted as an open session).
-    """
-
-    __slots__ = ("_deadline", "_make_session", "_options", "_session", "_transaction")
-
-    def __init__(
-        self, make_session: Callable[[], _AS], options: TransactionOptions | None = None
-    ) -> None:
-        self._make_session = make_session
-        self._options = options
-        self._transaction: AsyncSessionTransaction | None = None
-        self._deadline: asyncio.Timeout | None = None
-
-    async def __aenter__(self) -> _AS:
-        self._session = self._make_session()
-        try:
-            if self._options is not None and self._options.timeout is not None:
-                self._deadline = asyncio.timeout(self._options.timeout)
-                await self._deadline.__aenter__()
-            self._transaction = await self._session.begin()
-        except BaseException as error:
-            if self._deadline is not None:  # disarm it: it must not cancel later code
-                with contextlib.suppress(BaseException):
-                    await self._deadline.__aexit__(type(error), error, error.__traceback__)
-            await run_to_completion(self._session.close())
-            raise
-        return self._session
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._transaction is not None, "__aexit__ without __aenter__"
-        timed_out = False
-        if self._deadline is not None:
-            # The deadline covers the block, not the COMMIT: a COMMIT cut short would
-            # leave the caller not knowing whether it happened.
-            try:
-                await self._deadline.__aexit__(exc_type, exc, tb)
-            except TimeoutError as expired:
-                exc_type, exc, timed_out = TimeoutError, expired, True
-        if (
-            exc is not None
-            and self._options is not None
-            and self._options.timeout is not None
-            and dialects.is_statement_timeout(exc)
-        ):
-            timed_out = True  # our transaction-local statement_timeout fired
-        end: Callable[[], Awaitable[object]]
-        if timed_out and self._options is not None and self._options.invalidate_on_timeout:
-            # A statement may still be running on the server: drop the connection (the
-            # server rolls back) rather than queue a ROLLBACK behind it.
-            end = self._session.invalidate
-        else:
-            end = functools.partial(self._transaction.__aexit__, exc_type, exc, tb)
-        await end_and_close(self._session, end)
-        if timed_out:
-            assert self._options is not None
-            raise TransactionTimeoutError(
-                f"the transaction outlived its timeout of {self._options.timeout:g}s and was "
-                "rolled back; raise timeout= or make the work shorter"
-            ) from exc

@@ -13,19 +13,16 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, TypeVarTuple, cas
 
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
-from . import dialects
+from ._internal.begin import SyncBeginContext as SyncBeginContext
 from ._internal.core import (
     FactoryCore,
-    FactoryStatus,
     check_ping_timeout,
     resolve_target,
     unavailable,
 )
 from ._internal.engines import check_driver
-from ._internal.stats import open_sessions
 from ._internal.transactions import (
     RetryPolicy,
     RetryPredicate,
@@ -35,8 +32,8 @@ from ._internal.transactions import (
     check_joinable,
     joins,
 )
+from ._internal.twin import TwinBase
 from .config import FactoryConfig, SyncFactoryArguments
-from .errors import TransactionTimeoutError
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -48,7 +45,7 @@ _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
 
 
-class SyncSessionFactory(Generic[_S]):
+class SyncSessionFactory(TwinBase, Generic[_S]):
     """A configurable factory of ``Session`` objects over a sessionforge configuration.
 
     Reached as ``db.sync`` (sharing ``db``'s configuration: ``configure()`` on either
@@ -64,6 +61,8 @@ class SyncSessionFactory(Generic[_S]):
             session.add(User(name="ada"))
         sdb.dispose()
     """
+
+    _twin = "sync"
 
     @overload
     def __init__(
@@ -93,9 +92,7 @@ class SyncSessionFactory(Generic[_S]):
     ) -> None:
         if sync_class_ is not None:
             options["sync_class_"] = sync_class_
-        resolved = resolve_target(target, options, twin="sync")
-        if resolved.engine is None and resolved.connection is None and resolved.config.url:
-            check_driver(resolved.config.sync_url, is_async=False)
+        resolved = resolve_target(target, options, "sync")
         self._core: FactoryCore[Any] = FactoryCore(resolved, twin="sync")
 
     @classmethod
@@ -135,9 +132,7 @@ class SyncSessionFactory(Generic[_S]):
         interrupted, so ``timeout`` is checked when the block ends (and enforced per
         statement by PostgreSQL's ``statement_timeout``).
         """
-        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
-        if overrides:
-            self._core.session_kwargs(overrides, "sync")  # bad arguments fail here
+        options = self._begin_options(isolation_level, readonly, timeout, settings, overrides)
         return SyncBeginContext(functools.partial(self._session, options, overrides), options)
 
     def reader(self, **overrides: Any) -> _S:
@@ -167,8 +162,18 @@ class SyncSessionFactory(Generic[_S]):
 
         Same policy as ``SessionFactory.run_transaction``.
         """
-        policy = RetryPolicy.build(retries, backoff, retry_if)
-        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        policy, options = self._retry_options(
+            retries, backoff, retry_if, isolation_level, readonly, timeout, settings
+        )
+        return self._run_transaction(fn, args, policy, options)
+
+    def _run_transaction(
+        self,
+        fn: Callable[[_S, *_Ts], _T],
+        args: tuple[*_Ts],
+        policy: RetryPolicy,
+        options: TransactionOptions | None,
+    ) -> _T:
         attempt = 0
         while True:
             attempt += 1
@@ -196,23 +201,14 @@ class SyncSessionFactory(Generic[_S]):
         retry_if: RetryPredicate | None = None,
     ) -> Callable[[Callable[[_S, *_Ts], _T]], Callable[[*_Ts], _T]]:
         """Decorator form of ``run_transaction``: ``fn(session, *args)`` becomes ``fn(*args)``."""
-        RetryPolicy.build(retries, backoff, retry_if)
-        self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        options = self._retry_options(
+            retries, backoff, retry_if, isolation_level, readonly, timeout, settings
+        )
 
         def decorate(fn: Callable[[_S, *_Ts], _T]) -> Callable[[*_Ts], _T]:
             @functools.wraps(fn)
             def run(*args: *_Ts) -> _T:
-                return self.run_transaction(
-                    fn,
-                    *args,
-                    retries=retries,
-                    backoff=backoff,
-                    isolation_level=isolation_level,
-                    readonly=readonly,
-                    timeout=timeout,
-                    settings=settings,
-                    retry_if=retry_if,
-                )
+                return self._run_transaction(fn, args, *options)
 
             return run
 
@@ -272,14 +268,6 @@ class SyncSessionFactory(Generic[_S]):
             if not depth:
                 session.commit()
 
-    def configure(self, **options: Any) -> None:
-        """Change session options for later sessions of this factory and its twin.
-
-        ``bind=`` (a URL, an ``Engine`` or a ``Connection``) and ``binds={...}`` as in
-        ``SessionFactory.configure()``.
-        """
-        self._core.configure(options, "sync")
-
     # sessionmaker's class methods ----------------------------------------------------
 
     object_session = staticmethod(Session.object_session)
@@ -291,13 +279,10 @@ class SyncSessionFactory(Generic[_S]):
         Sessions of the async twin are left to ``await db.close_all()``. Returns how
         many sessions were closed.
         """
-        closed = 0
-        for session in open_sessions(self._core.sync_class):
-            if AsyncSession._retrieve_proxy_for_target(session, regenerate=False) is not None:
-                continue
+        sessions = self._core.open_sessions("sync")
+        for session in sessions:
             session.close()
-            closed += 1
-        return closed
+        return len(sessions)
 
     # the database ------------------------------------------------------------------
 
@@ -337,10 +322,6 @@ class SyncSessionFactory(Generic[_S]):
             raise error
         return time.perf_counter() - started
 
-    def status(self) -> FactoryStatus:
-        """Pool figures; ``checked_out`` is the sync engine's."""
-        return self._core.status(role="sync")
-
     def dispose(self) -> None:
         """Close the pooled connections of the sync engine, if this factory built it.
 
@@ -365,11 +346,6 @@ class SyncSessionFactory(Generic[_S]):
     # introspection -----------------------------------------------------------------
 
     @property
-    def config(self) -> FactoryConfig:
-        """The current configuration (``configure()`` on either twin replaces it)."""
-        return self._core.config
-
-    @property
     def class_(self) -> type[_S]:
         """This factory's own subclass of the sync session class."""
         return cast("type[_S]", self._core.sync_class)
@@ -384,11 +360,6 @@ class SyncSessionFactory(Generic[_S]):
         engine = self._core.sync_engine_if_built
         return engine.url if engine is not None else self._core.config.sync_url
 
-    @property
-    def _sessionforge_event_target(self) -> type[Session]:
-        # Lets event.listen(db.sync, ...) reach this factory's sessions (see _sqla.py).
-        return self._core.sync_class
-
     def __repr__(self) -> str:
         base = self._core.config.sync_class_ or self._core.config.class_.sync_session_class
         engine = self._core.sync_engine_if_built
@@ -396,55 +367,3 @@ class SyncSessionFactory(Generic[_S]):
         if url is not None and engine is None:
             url = self._core.config.sync_url
         return self._core.describe("SyncSessionFactory", base, url)
-
-
-class SyncBeginContext(Generic[_S]):
-    """What ``SyncSessionFactory.begin()`` returns: ``with`` yields the session.
-
-    The session is made when the block is entered (see ``AsyncBeginContext``).
-    """
-
-    __slots__ = ("_make_session", "_options", "_session", "_started", "_transaction")
-
-    def __init__(
-        self, make_session: Callable[[], _S], options: TransactionOptions | None = None
-    ) -> None:
-        self._make_session = make_session
-        self._options = options
-        self._transaction: SessionTransaction | None = None
-        self._started = 0.0
-
-    def __enter__(self) -> _S:
-        self._session = self._make_session()
-        try:
-            self._started = time.monotonic()
-            self._transaction = self._session.begin()
-        except BaseException:
-            self._session.close()
-            raise
-        return self._session
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._transaction is not None, "__exit__ without __enter__"
-        timeout = self._options.timeout if self._options is not None else None
-        timed_out = timeout is not None and (
-            (exc is None and time.monotonic() - self._started > timeout)
-            or (exc is not None and dialects.is_statement_timeout(exc))
-        )
-        try:
-            if timed_out:
-                self._transaction.rollback()
-            else:
-                self._transaction.__exit__(exc_type, exc, tb)
-        finally:
-            self._session.close()
-        if timed_out:
-            raise TransactionTimeoutError(
-                f"the transaction outlived its timeout of {timeout:g}s and was rolled back; "
-                "raise timeout= or make the work shorter"
-            ) from exc

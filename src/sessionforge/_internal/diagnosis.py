@@ -23,6 +23,7 @@ SQLite cannot open a file looks at whether its directory exists.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,17 @@ from sqlalchemy.exc import DBAPIError
 
 from sessionforge import dialects
 from sessionforge.config import mask_url
+from sessionforge.errors import ConfigurationError, DatabaseUnavailableError
 
 __all__ = [
+    "check_ping_timeout",
     "diagnose",
     "explain",
     "scrub",
     "sqlite_cannot_open",
     "sqlite_path",
     "sqlite_unopenable",
+    "unavailable",
 ]
 
 
@@ -180,3 +184,24 @@ def scrub(text: str, url: URL) -> str:
     for spelling in sorted(spellings, key=len, reverse=True):
         text = text.replace(spelling, "***")
     return text
+
+
+def check_ping_timeout(timeout: object) -> None:
+    """``ping(timeout=)``: a finite number of seconds > 0, or ``ConfigurationError``."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ConfigurationError(
+            f"ping(timeout={timeout!r}) is invalid: expected a finite number of seconds > 0"
+        )
+
+
+def unavailable(url: URL, exc: BaseException, timeout: float | None) -> DatabaseUnavailableError:
+    """Turn a failed connect into a ``DatabaseUnavailableError`` that says why.
+
+    Worded by ``diagnosis.explain``, as ``sessionforge check`` words it; no password.
+    """
+    return DatabaseUnavailableError(explain(url, exc, timeout))

@@ -15,12 +15,11 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar, cast
 
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Session
 
 from sessionforge import hooks
-from sessionforge.errors import ConcurrentSessionUseError, ReadOnlySessionError, SessionClosedError
+from sessionforge.errors import ConcurrentSessionUseError, SessionClosedError
 
 from . import stats, transactions
 from .cancellation import end_and_close
@@ -30,7 +29,6 @@ __all__ = [
     "SyncHookMethods",
     "guarded_methods",
     "make_session_classes",
-    "reader_classes",
     "retire",
 ]
 
@@ -417,52 +415,3 @@ def make_session_classes(
     async_class = type(class_.__name__, (AsyncHookMethods, class_), namespace)
     owner.append(async_class)
     return cast("type[_AS]", async_class), sync_class
-
-
-# Readers ----------------------------------------------------------------------------
-
-_READER: Final = "_sessionforge_reader_classes"
-
-_WRITE_REFUSED: Final = (
-    "a reader session (db.reader()) runs each statement on its own in AUTOCOMMIT mode and "
-    "does not write; {what} — write in db.begin() (or db.atomic()) instead"
-)
-
-
-def reader_classes(
-    async_class: type[_AS],
-    sync_class: type[Session],
-    on_begin: Callable[[Session, Any, Any], None] | None = None,
-) -> tuple[type[_AS], type[Session]]:
-    """The (async, sync) reader subclasses of one factory's session classes.
-
-    Made once per factory, on first use. A subclass inherits the factory's listeners
-    (``event.listen(db, ...)``, hooks, counters) and adds the two that refuse writes:
-    ORM changes at flush, and Core ``insert``/``update``/``delete`` at execute (text SQL
-    is not inspected), plus the dialect's ``after_begin`` listener ``on_begin``, if any.
-    """
-    made = async_class.__dict__.get(_READER)
-    if made is None:
-        sync_reader = type(
-            sync_class.__name__, (sync_class,), {"__module__": sync_class.__module__}
-        )
-        event.listen(sync_reader, "before_flush", _refuse_flush)
-        event.listen(sync_reader, "do_orm_execute", _refuse_dml)
-        if on_begin is not None:
-            event.listen(sync_reader, "after_begin", on_begin)
-        namespace = {"__module__": async_class.__module__, "sync_session_class": sync_reader}
-        async_reader = type(async_class.__name__, (async_class,), namespace)
-        made = (async_reader, sync_reader)
-        setattr(async_class, _READER, made)
-    return made
-
-
-def _refuse_flush(session: Session, _context: object, _instances: object) -> None:
-    if session.new or session.dirty or session.deleted:
-        raise ReadOnlySessionError(_WRITE_REFUSED.format(what="it was asked to flush changes"))
-
-
-def _refuse_dml(state: ORMExecuteState) -> None:
-    if state.is_insert or state.is_update or state.is_delete:
-        kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE"
-        raise ReadOnlySessionError(_WRITE_REFUSED.format(what=f"it was asked to run an {kind}"))

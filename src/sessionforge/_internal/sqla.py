@@ -37,6 +37,44 @@
    connection when the grace runs out; the adapter's graceful close then finds the
    connection closed and returns at once. We reach the asyncpg connection through
    ``Dialect.get_driver_connection`` (public).
+6. Every session of the process: ``sqlalchemy.orm.session._sessions``, the weak
+   registry ``close_all_sessions()`` walks, read by ``all_sessions()`` for the
+   factories' ``close_all()``.
+7. Retiring a session an ended ``isolated()`` block left open (``testing``). The
+   block's outer rollback already ended the session's SAVEPOINT, so a rollback of it
+   would make SQLAlchemy warn that it is "already deassociated from connection";
+   ``session.close()`` is quiet and runs the after-rollback hooks, as a rollback would.
+   ``begin()``'s exit (and ``session.rollback()``) call ``SessionTransaction.rollback``
+   looked up on the instance, so ``close_instead_of_rollback`` sets an instance
+   attribute on each of the session's open transactions. Tested by
+   ``test_a_session_left_open_at_exit_is_reported_and_refused_afterwards``.
+8. The driver bridge of the isolated async connection (``testing``). The asyncio
+   adapters (``AsyncAdapt_dbapi_connection``) keep the driver's connection in
+   ``_connection`` and call its coroutine methods from the caller's greenlet, i.e. in
+   the caller's event loop. ``testing`` swaps a bridge in there (``driver_of``,
+   ``replace_driver``) so that each driver call runs in the loop that opened the
+   connection; nothing else of the adapter changes, and the swap is undone before the
+   connection is closed. Tested by
+   ``test_sessions_in_other_threads_and_loops_share_the_isolation``.
+9. The ``AsyncSession`` of a ``Session``: ``AsyncSession._retrieve_proxy_for_target``
+   (``ReversibleProxy``'s weak registry, what ``async_object_session()`` uses), read by
+   ``async_proxy()`` for ``close_all()``, which walks sync sessions.
+10. Pool figures (``EngineStatus``): ``QueuePool`` has no public accessor for its
+    overflow limit, so ``pool_max_overflow`` reads ``_max_overflow``. Tested by the
+    ``status()`` tests.
+11. The pool class of ``sqlite+sessionforge://`` (``drivers/sqlite.py``) is chosen as
+    SQLAlchemy's own ``SQLiteDialect_aiosqlite.get_pool_class`` chooses it, with the
+    pysqlite dialect's private classmethods ``_is_url_file_db`` and
+    ``_warn_memory_mode_pool_selection``: ``sqlite_pool_class``.
+12. The driver's server-side cursor: ``SQLiteExecutionContext.create_server_side_cursor``
+    is overridden, as in aiosqlite's dialect, to ask the execution context's private
+    ``_dbapi_connection`` for ``cursor(server_side=True)``: ``server_side_cursor``.
+13. ``AsyncResult`` calls ``cursor._async_soft_close()`` on every buffered cursor
+    (``ext/asyncio/result.py``), a private hook of SQLAlchemy's own adapter cursors
+    (``connectors/asyncio.py``). The driver's cursors take it from
+    ``SoftClosingCursor`` here, as a no-op: they hold nothing to close. Sections 11-13
+    are exercised by ``tests/test_sqlite_driver.py`` (and the whole suite with
+    ``SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge``).
 
 If a SQLAlchemy upgrade breaks any of these, the tests ``test_events_*``,
 ``test_missing_driver_*``, ``test_postgres_liveness_ping_*`` and ``test_deadline_*``
@@ -51,20 +89,29 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.event import base as event_base
-from sqlalchemy.ext.asyncio import async_scoped_session
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.orm import session as orm_session
 from sqlalchemy.orm.events import SessionEvents
+from sqlalchemy.pool import Pool
 from sqlalchemy.util import await_
 from sqlalchemy.util.concurrency import in_greenlet as in_greenlet
 
 __all__ = [
     "EVENT_TARGET_ATTRIBUTE",
+    "SoftClosingCursor",
     "all_sessions",
+    "async_proxy",
+    "close_instead_of_rollback",
     "close_within",
+    "driver_of",
     "in_greenlet",
     "load_dialect",
     "ping",
+    "pool_max_overflow",
+    "replace_driver",
+    "server_side_cursor",
+    "sqlite_pool_class",
 ]
 
 #: Attribute a factory sets to the ``Session`` subclass its events belong to.
@@ -143,3 +190,61 @@ def close_within(dialect: Dialect, dbapi_connection: Any, grace: float) -> None:
         raise
     except Exception:
         connection.terminate()  # asyncpg aborted it already (timeout) or will now
+
+
+def close_instead_of_rollback(session: Session) -> None:
+    """Have every open transaction of ``session`` close it when rolled back (see 7. above)."""
+
+    def close(*_args: object, **_kwargs: object) -> None:
+        session.close()
+
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    while transaction is not None:
+        transaction.rollback = close  # type: ignore[method-assign]
+        transaction = transaction.parent
+
+
+def driver_of(adapted: Any) -> Any:
+    """The driver connection an asyncio adapter calls (see 8. above)."""
+    return adapted._connection
+
+
+def replace_driver(adapted: Any, driver: Any) -> None:
+    """Make an asyncio adapter call ``driver`` instead (see 8. above)."""
+    adapted._connection = driver
+
+
+def async_proxy(session: Session) -> AsyncSession | None:
+    """The ``AsyncSession`` wrapping ``session``, if any (see 9. above)."""
+    proxy: AsyncSession | None = AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
+    return proxy
+
+
+def pool_max_overflow(pool: Any) -> int | None:
+    """A ``QueuePool``'s overflow limit, ``None`` for other pools (see 10. above)."""
+    return getattr(pool, "_max_overflow", None)
+
+
+def sqlite_pool_class(
+    dialect_cls: Any, url: URL, file_pool: type[Pool], memory_pool: type[Pool]
+) -> type[Pool]:
+    """``file_pool`` for a SQLite file, else ``memory_pool``, warning as SQLAlchemy does.
+
+    See 11. above.
+    """
+    if dialect_cls._is_url_file_db(url):
+        return file_pool
+    dialect_cls._warn_memory_mode_pool_selection(url, memory_pool, file_pool)
+    return memory_pool
+
+
+def server_side_cursor(context: Any) -> Any:
+    """A server-side cursor of the execution context's connection (see 12. above)."""
+    return context._dbapi_connection.cursor(server_side=True)
+
+
+class SoftClosingCursor:
+    """Gives a driver cursor the hook ``AsyncResult`` calls (see 13. above)."""
+
+    async def _async_soft_close(self) -> None:
+        """SQLAlchemy's asyncio results call this; the cursor holds nothing to close."""

@@ -14,7 +14,7 @@ import logging
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -22,9 +22,13 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from . import sqla as _sqla
 
+if TYPE_CHECKING:
+    from .engines import EngineStatus
+
 __all__ = [
     "Counters",
     "FactoryStats",
+    "FactoryStatus",
     "closed_session",
     "connected_engine",
     "install",
@@ -44,6 +48,26 @@ _ENGINE: Final = "_sessionforge_connected_engine"
 _COMMITTED: Final = "_sessionforge_committed_transaction"
 #: Where the session was made (a formatted stack), when ``track_session_origin`` is on.
 ORIGIN: Final = "_sessionforge_origin"
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryStatus:
+    """A snapshot of a factory's connections and counters.
+
+    ``checked_out`` counts the connections checked out of the engine that a new
+    session of this factory would use now; ``engines`` has the pool figures of every
+    engine the factory has built so far (the running loop's async engine first). The
+    counters cover both twins: sessions made and not yet closed, and transactions that
+    reached the database and committed, rolled back (closing without a commit
+    counts), or were re-run by ``run_transaction``.
+    """
+
+    checked_out: int
+    engines: tuple[EngineStatus, ...]
+    sessions_open: int = 0
+    transactions_committed: int = 0
+    transactions_rolled_back: int = 0
+    transactions_retried: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from sqlalchemy import event, text
@@ -27,6 +27,7 @@ __all__ = [
     "TransactionOptions",
     "atomic_block",
     "check_joinable",
+    "for_isolation",
     "install",
     "transaction_options",
 ]
@@ -58,12 +59,25 @@ def transaction_options(
     readonly: bool,
     timeout: float | None,
     settings: Mapping[str, Any] | None,
+    engine_isolation_level: str | None = None,
 ) -> TransactionOptions | None:
     """Validate per-transaction options for ``url``; ``None`` when none were given.
 
     Everything is checked here, before a session or a connection exists: whatever
     reaches the driver or the server is known to be acceptable to it.
+    ``engine_isolation_level`` is the engine's own level (``isolation_level=`` of the
+    factory), under which options that only a transaction honours would be lost.
     """
+    if (
+        engine_isolation_level == "AUTOCOMMIT"
+        and isolation_level is None
+        and (readonly or settings)
+    ):
+        raise ConfigurationError(
+            "this factory's engine runs in AUTOCOMMIT (isolation_level='AUTOCOMMIT'), "
+            "so readonly=True and settings= (which last one transaction) would silently "
+            "do nothing; pass isolation_level= for this transaction, or use db.reader()"
+        )
     if type(readonly) is not bool:
         raise ConfigurationError(
             f"readonly={shown_value(readonly)} ({type(readonly).__name__}) is invalid: "
@@ -104,6 +118,33 @@ def transaction_options(
         settings=pairs,
         timeout=seconds,
         invalidate_on_timeout=dialects.invalidate_on_timeout(url),
+    )
+
+
+def for_isolation(
+    options: TransactionOptions,
+    url: URL,
+    timeout: float | None,
+    settings: Mapping[str, Any] | None,
+) -> TransactionOptions | None:
+    """``options`` for a transaction that is a SAVEPOINT of a test's (``isolated()``).
+
+    The isolation level and read-only mode (which only a real BEGIN can set) and
+    PostgreSQL's ``statement_timeout`` (a transaction-local setting that would outlive
+    the SAVEPOINT) are left out, and a timeout rolls back rather than invalidates the
+    shared connection.
+    """
+    kept = transaction_options(
+        url, isolation_level=None, readonly=False, timeout=None, settings=settings
+    )
+    if kept is None and timeout is None:
+        return None
+    return replace(
+        kept or options,
+        execution_options={},
+        settings=kept.settings if kept is not None else (),
+        timeout=timeout,
+        invalidate_on_timeout=False,
     )
 
 

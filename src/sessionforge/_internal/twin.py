@@ -1,0 +1,87 @@
+"""What the twins share: everything ``SessionFactory`` and ``SyncSessionFactory`` do
+without I/O.
+
+httpx's ``BaseClient`` pattern: the shared base holds configuration and pure logic
+over the one ``FactoryCore`` both twins of a pair hold; each twin adds only what
+awaits (``factory.py``) or blocks (``sync.py``), under the same method names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .transactions import RetryPolicy, RetryPredicate, TransactionOptions
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from sessionforge.config import FactoryConfig
+
+    from .core import FactoryCore
+    from .stats import FactoryStatus
+    from .targets import Twin
+
+__all__ = ["TwinBase"]
+
+
+class TwinBase:
+    """The shared base of the twins (not public: use either twin)."""
+
+    __slots__ = ()
+    _core: FactoryCore[Any]
+    #: Which twin a subclass is: picks the session kind, engine and ``status()`` figures.
+    _twin: ClassVar[Twin]
+
+    def configure(self, **options: Any) -> None:
+        """Change session options for later sessions of this factory and its twin.
+
+        As ``sessionmaker.configure()``: ``bind=`` (a URL, or an engine or connection
+        of this twin's kind) binds a factory made without one, before it first builds
+        an engine; ``binds={...}`` replaces the factory's binds.
+        """
+        self._core.configure(options, self._twin)
+
+    def status(self) -> FactoryStatus:
+        """Pool figures and counters; ``checked_out`` is this twin's engine's."""
+        return self._core.status(role=self._twin)
+
+    @property
+    def config(self) -> FactoryConfig:
+        """The current configuration (``configure()`` on either twin replaces it)."""
+        return self._core.config
+
+    @property
+    def _sessionforge_event_target(self) -> type[Session]:
+        # Lets event.listen(db, ...) reach this factory's sessions (see _internal/sqla.py).
+        return self._core.sync_class
+
+    # validation shared by begin(), run_transaction() and transactional() -------------
+
+    def _begin_options(
+        self,
+        isolation_level: str | None,
+        readonly: bool,
+        timeout: float | None,
+        settings: Mapping[str, Any] | None,
+        overrides: Mapping[str, Any],
+    ) -> TransactionOptions | None:
+        """Validate a ``begin()``'s options and session arguments, before any I/O."""
+        options = self._core.transaction_options(isolation_level, readonly, timeout, settings)
+        if overrides:
+            self._core.session_kwargs(overrides, self._twin)  # bad arguments fail here
+        return options
+
+    def _retry_options(
+        self,
+        retries: int,
+        backoff: float,
+        retry_if: RetryPredicate | None,
+        isolation_level: str | None,
+        readonly: bool,
+        timeout: float | None,
+        settings: Mapping[str, Any] | None,
+    ) -> tuple[RetryPolicy, TransactionOptions | None]:
+        """Validate ``run_transaction()``'s / ``transactional()``'s options."""
+        policy = RetryPolicy.build(retries, backoff, retry_if)
+        return policy, self._core.transaction_options(isolation_level, readonly, timeout, settings)
