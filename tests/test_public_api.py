@@ -53,6 +53,8 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
         errors.RetryExhaustedError: Exception,
         errors.SessionClosedError: RuntimeError,
         errors.ReadOnlySessionError: RuntimeError,
+        errors.IsolationLockTimeoutError: TimeoutError,
+        errors.IsolationNotEnteredError: RuntimeError,
     }
     assert sorted(errors.__all__) == sorted([*(c.__name__ for c in kin), "SessionForgeError"])
     for error, base in kin.items():

@@ -801,7 +801,7 @@ async def test_a_slow_holder_is_still_waited_for(
 async def test_a_turn_granted_just_as_the_block_ends_is_refused() -> None:
     """The holder's transaction ends at the moment the block exits: the session waiting
     for its turn must not go on to use the connection being closed."""
-    from sessionforge.testing import _ConnectionLock  # the race is only reachable here
+    from sessionforge.testing._lock import ConnectionLock as _ConnectionLock  # only reachable here
 
     class Transaction:  # stands for a SessionTransaction (weakly referenced)
         pass

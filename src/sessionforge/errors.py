@@ -7,6 +7,8 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── ConfigurationError          (ValueError)
     ├── DatabaseUnavailableError    (ConnectionError)
     ├── ConcurrentSessionUseError   (RuntimeError)
+    ├── IsolationLockTimeoutError   (TimeoutError)   sessionforge.testing only
+    ├── IsolationNotEnteredError    (RuntimeError)   sessionforge.testing only
     ├── NoCurrentSessionError       (LookupError)
     ├── NestedTransactionError      (RuntimeError)
     ├── ReadOnlySessionError        (RuntimeError)
@@ -15,6 +17,11 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     └── TransactionTimeoutError     (TimeoutError)
 
 Messages say what went wrong and what to do about it, and never contain a password.
+The two ``Isolation*`` errors come from the test toolkit (``sessionforge.testing``), so
+they are importable from here but not re-exported by ``sessionforge``.
+
+``sessionforge.HookError`` is not one of these: it is never raised, but is the record
+of a hook that raised (``hook_errors(session)``), and lives with the hooks.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ __all__ = [
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
+    "IsolationLockTimeoutError",
+    "IsolationNotEnteredError",
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",
@@ -80,3 +89,15 @@ class SessionClosedError(SessionForgeError, RuntimeError):
 
 class ReadOnlySessionError(SessionForgeError, RuntimeError):
     """Raised when a reader session (``db.reader()``) is asked to write."""
+
+
+class IsolationLockTimeoutError(SessionForgeError, TimeoutError):
+    """Raised when a session in an ``isolated()`` block cannot have its turn in time.
+
+    Its turn on the test's one connection did not come within ``lock_timeout`` seconds,
+    or never can (the session holding the connection was garbage-collected unclosed).
+    """
+
+
+class IsolationNotEnteredError(SessionForgeError, RuntimeError):
+    """Raised when an ``isolated()`` handle's ``connection`` is asked for outside its block."""

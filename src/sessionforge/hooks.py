@@ -49,7 +49,18 @@ CAPTURE_KEY: Final = "sessionforge_capture_hooks"
 
 @dataclass(frozen=True, slots=True)
 class HookError:
-    """A hook that raised: which one, on what event, and the exception."""
+    """The record of a hook that raised: which one, on what event, and the exception.
+
+    Not an exception, and never raised: a hook's failure leaves the transaction's
+    outcome standing, so it is recorded (and logged) instead, and read back with
+    ``hook_errors(session)``. The exceptions sessionforge raises are in ``errors``.
+    Example::
+
+        async with db.begin() as session:
+            sessionforge.on_commit(session, send_welcome_mail)
+        for failed in sessionforge.hook_errors(session):
+            print(failed.kind, failed.hook, failed.error)
+    """
 
     hook: Hook
     kind: Kind
