@@ -491,16 +491,16 @@ def test_options_of_another_dialect_left_at_their_defaults_are_fine(
 def test_the_engine_level_read_uncommitted_is_passed_as_asyncpg_accepts_it() -> None:
     config = FactoryConfig.from_url(PG, isolation_level="read_uncommitted")
     assert config.isolation_level == "READ UNCOMMITTED"  # as the user asked
-    from sessionforge import dialects
+    from sessionforge._internal.engines import engine_kwargs
 
-    kwargs = dialects.engine_kwargs(config, config.async_url, is_async=True)
+    kwargs = engine_kwargs(config, config.async_url, is_async=True)
     assert kwargs["isolation_level"] == "READ COMMITTED"  # what PostgreSQL runs anyway
-    sync_kwargs = dialects.engine_kwargs(config, config.sync_url, is_async=False)
+    sync_kwargs = engine_kwargs(config, config.sync_url, is_async=False)
     assert sync_kwargs["isolation_level"] == "READ COMMITTED"  # the twins alike
     psycopg = FactoryConfig.from_url(
         "postgresql+psycopg://h/d", isolation_level="READ UNCOMMITTED"
     )
-    assert dialects.engine_kwargs(psycopg, url_of(psycopg), is_async=True)["isolation_level"] == (
+    assert engine_kwargs(psycopg, url_of(psycopg), is_async=True)["isolation_level"] == (
         "READ UNCOMMITTED"  # psycopg takes it as it is
     )
 

@@ -1,5 +1,9 @@
 """Building engines from a ``FactoryConfig``, the liveness policy, and pool figures.
 
+``engine_kwargs`` turns the config's engine options (declared in ``config.py``) into
+``create_engine`` arguments; ``apply_presets`` installs the dialect presets
+(``dialects/sqlite.py``, ``dialects/postgresql.py``) with the config's values.
+
 The liveness policy replaces ``pool_pre_ping``: a pooled connection is pinged at
 checkout only when it sat idle in the pool for longer than ``ping_after`` seconds, so a
 busy pool pays nothing, and a connection that failed its ping is replaced before the
@@ -23,17 +27,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from sessionforge import dialects
-from sessionforge.config import FactoryConfig, mask_url
+from sessionforge.config import OPTIONS, FactoryConfig
+from sessionforge.dialects import postgresql, sqlite
 from sessionforge.errors import ConfigurationError
 
 from . import sqla as _sqla
-from .diagnosis import scrub
+from .diagnosis import scrub, sqlite_unopenable
+from .urls import mask_url
 
 __all__ = [
     "EngineStatus",
+    "apply_presets",
     "build_async_engine",
     "build_sync_engine",
     "check_driver",
+    "engine_kwargs",
     "engine_status",
 ]
 
@@ -70,7 +78,7 @@ def check_driver(url: URL, *, is_async: bool) -> None:
 def build_async_engine(config: FactoryConfig) -> AsyncEngine:
     """Create the async engine for ``config``, with presets and liveness policy."""
     url = config.async_url
-    kwargs = dialects.engine_kwargs(config, url, is_async=True)
+    kwargs = engine_kwargs(config, url, is_async=True)
     try:
         engine = create_async_engine(url, **kwargs)
     except (ArgumentError, TypeError) as exc:
@@ -83,7 +91,7 @@ def build_sync_engine(config: FactoryConfig) -> Engine:
     """Create the sync twin's engine for ``config``, with the same presets."""
     url = config.sync_url
     check_driver(url, is_async=False)
-    kwargs = dialects.engine_kwargs(config, url, is_async=False)
+    kwargs = engine_kwargs(config, url, is_async=False)
     try:
         engine = create_engine(url, **kwargs)
     except (ArgumentError, TypeError) as exc:
@@ -100,8 +108,64 @@ def _engine_error(url: URL, exc: Exception) -> ConfigurationError:
     )
 
 
+# The engine options passed to create_engine() under their own names.
+_ENGINE_ARGUMENTS: Final = tuple(
+    (name, spec.engine_argument)
+    for name, spec in OPTIONS.items()
+    if spec.engine_argument is not None
+)
+
+
+def engine_kwargs(config: FactoryConfig, url: URL, *, is_async: bool) -> dict[str, Any]:
+    """Return the keyword arguments for ``create_engine``/``create_async_engine``."""
+    kwargs: dict[str, Any] = {}
+    for name, argument in _ENGINE_ARGUMENTS:
+        value = argument(getattr(config, name))
+        if value is not None:
+            kwargs[name] = value
+    if config.isolation_level is not None:
+        # By the config's (async) driver, so both twins run the same level.
+        level = config.isolation_level
+        kwargs["isolation_level"] = dialects.driver_isolation_level(config.url or url, level)
+    connect_args = dict(config.connect_args if is_async else config.sync_connect_args)
+    if url.get_backend_name() == "postgresql":
+        connect_args = postgresql.connect_args(
+            url.get_driver_name(),
+            connect_args,
+            application_name=config.application_name,
+            pgbouncer=config.pgbouncer,
+        )
+    if sqlite.is_sqlite(url):
+        sqlite.engine_arguments(url, kwargs, connect_args, is_async=is_async)
+    if connect_args:
+        kwargs["connect_args"] = connect_args
+    kwargs.update(config.engine_options)
+    return kwargs
+
+
+def apply_presets(engine: Engine, config: FactoryConfig) -> None:
+    """Attach the dialect's presets to ``engine`` (the sync core of an async engine)."""
+    url = engine.url
+    if postgresql.reader_flips_autocommit(url):
+        postgresql.install_reader_autocommit_reset(engine)
+    if sqlite.is_sqlite(url):
+        sqlite.install_pragmas(
+            engine,
+            busy_timeout=config.sqlite_busy_timeout,
+            journal_mode=config.sqlite_journal_mode,
+            synchronous=config.sqlite_synchronous,
+            foreign_keys=config.sqlite_foreign_keys,
+        )
+        sqlite.install_begin(engine, config.sqlite_begin, config.isolation_level)
+        sqlite.install_return_policy(
+            engine, reset_on_return="pool_reset_on_return" not in config.engine_options
+        )
+        if url.get_driver_name() == "aiosqlite":
+            sqlite.refuse_unopenable_files(engine, sqlite_unopenable)
+
+
 def _prepare(engine: Engine, config: FactoryConfig) -> None:
-    dialects.apply_presets(engine, config)
+    apply_presets(engine, config)
     if config.ping_after is not None and dialects.needs_liveness_check(engine.url):
         install_liveness_policy(engine, config.ping_after)
     install_invalidation_grace(engine)
@@ -176,8 +240,7 @@ def engine_status(role: str, engine: Engine) -> EngineStatus:
         url=mask_url(engine.url),
         pool=type(pool).__name__,
         size=figure("size"),
-        # QueuePool has no public accessor for its overflow limit (SQLAlchemy 2.1).
-        max_overflow=getattr(pool, "_max_overflow", None),
+        max_overflow=_sqla.pool_max_overflow(pool),
         timeout=float(timeout()) if callable(timeout) else None,
         checked_in=figure("checkedin"),
         checked_out=figure("checkedout") or 0,

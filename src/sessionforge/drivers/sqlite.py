@@ -22,19 +22,15 @@ and the pool's reset. Here each connection owns one thread that alone uses its
 Everything else (SQL compilation, types, reflection, isolation levels, the REGEXP and
 FLOOR functions) is SQLAlchemy's pysqlite dialect, as for aiosqlite.
 
-Reliance on SQLAlchemy internals (written against SQLAlchemy 2.1.9), all of it here:
-
-1. ``SQLiteDialect_sessionforge`` subclasses ``SQLiteDialect_pysqlite`` and sets the
-   attributes SQLAlchemy's asyncio layer looks for (``is_async``, ``has_terminate``,
-   ``supports_server_side_cursors``, ``get_driver_connection``, ``do_terminate``),
-   as its own ``SQLiteDialect_aiosqlite`` does.
-2. Sync DBAPI calls made in SQLAlchemy's greenlet wait for the thread with
-   ``sqlalchemy.util.await_``; the connection subclasses ``AdaptedConnection``.
-3. ``AsyncResult`` calls ``cursor._async_soft_close()`` on every buffered cursor
-   (``ext/asyncio/result.py``) — a private hook of SQLAlchemy's own adapter cursors
-   (``connectors/asyncio.py``), which we implement as a no-op.
-4. ``SQLiteExecutionContext.create_server_side_cursor`` is overridden, as in
-   aiosqlite's dialect, to ask for ``cursor(server_side=True)``.
+What SQLAlchemy's asyncio layer asks of a dialect (written against SQLAlchemy 2.1.9):
+``SQLiteDialect_sessionforge`` subclasses ``SQLiteDialect_pysqlite`` and sets the
+attributes that layer looks for (``is_async``, ``has_terminate``,
+``supports_server_side_cursors``, ``get_driver_connection``, ``do_terminate``), as its
+own ``SQLiteDialect_aiosqlite`` does; sync DBAPI calls made in SQLAlchemy's greenlet
+wait for the thread with ``sqlalchemy.util.await_``; the connection subclasses
+``AdaptedConnection``. The driver's touches of SQLAlchemy internals (the pool choice,
+the server-side cursor, the cursors' ``_async_soft_close``) are functions of
+``sessionforge._internal.sqla``, sections 11-13.
 
 ``tests/test_sqlite_driver.py`` exercises each; run the whole suite on this driver with
 ``SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge``.
@@ -58,7 +54,13 @@ from sqlalchemy.dialects.sqlite.base import SQLiteExecutionContext
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import AdaptedConnection
 from sqlalchemy.exc import MissingGreenlet
-from sqlalchemy.util.concurrency import in_greenlet
+
+from sessionforge._internal.sqla import (
+    SoftClosingCursor,
+    in_greenlet,
+    server_side_cursor,
+    sqlite_pool_class,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, DBAPIModule
@@ -297,7 +299,7 @@ def _set_isolation_level(connection: sqlite3.Connection, value: str | None) -> N
 # --- the DBAPI adapter ---------------------------------------------------------------
 
 
-class AsyncAdapt_sessionforge_cursor:
+class AsyncAdapt_sessionforge_cursor(SoftClosingCursor):
     """A buffered cursor: each ``execute`` is one hop that brings back every row."""
 
     server_side = False
@@ -349,9 +351,6 @@ class AsyncAdapt_sessionforge_cursor:
 
     def close(self) -> None:
         self._rows.clear()
-
-    async def _async_soft_close(self) -> None:
-        """SQLAlchemy's asyncio results call this; our cursor holds nothing to close."""
 
     def setinputsizes(self, *sizes: Any) -> None:
         pass
@@ -571,7 +570,7 @@ class AsyncAdapt_sessionforge_dbapi:
 
 class SQLiteExecutionContext_sessionforge(SQLiteExecutionContext):
     def create_server_side_cursor(self) -> DBAPICursor:
-        return self._dbapi_connection.cursor(server_side=True)
+        return cast("DBAPICursor", server_side_cursor(self))
 
 
 class SQLiteDialect_sessionforge(SQLiteDialect_pysqlite):
@@ -599,10 +598,7 @@ class SQLiteDialect_sessionforge(SQLiteDialect_pysqlite):
 
     @classmethod
     def get_pool_class(cls, url: URL) -> type[pool.Pool]:
-        if cls._is_url_file_db(url):
-            return pool.AsyncAdaptedQueuePool
-        cls._warn_memory_mode_pool_selection(url, pool.StaticPool, pool.AsyncAdaptedQueuePool)
-        return pool.StaticPool
+        return sqlite_pool_class(cls, url, pool.AsyncAdaptedQueuePool, pool.StaticPool)
 
     def get_driver_connection(self, connection: DBAPIConnection) -> ConnectionThread:
         return cast(AsyncAdapt_sessionforge_connection, connection)._thread

@@ -1,0 +1,205 @@
+"""What sessionforge does differently on PostgreSQL.
+
+Connection arguments per driver (``application_name``, the PgBouncer settings), the
+isolation level asyncpg spells differently, transaction-local server settings
+(``set_config``, the server-side ``statement_timeout`` of ``begin(timeout=)``), and the
+reader's switch of the driver's own ``autocommit`` flag.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine
+
+from sessionforge.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = [
+    "READONLY_OPTIONS",
+    "check_settings",
+    "connect_args",
+    "driver_isolation_level",
+    "install_reader_autocommit_reset",
+    "reader_begin_listener",
+    "reader_flips_autocommit",
+    "settings_statement",
+    "timeout_settings",
+]
+
+#: Execution options of a ``begin(readonly=True)`` transaction.
+READONLY_OPTIONS: Final[Mapping[str, Any]] = {"postgresql_readonly": True}
+
+# Levels a driver's SQLAlchemy dialect refuses, and what to pass for the same
+# behaviour. PostgreSQL runs READ UNCOMMITTED as READ COMMITTED (its docs, "Transaction
+# Isolation"), and SQLAlchemy's asyncpg dialect, whose lookup table has no READ
+# UNCOMMITTED, raises ArgumentError for it, at checkout, leaking the connection.
+_DRIVER_LEVELS: Final[Mapping[str, Mapping[str, str]]] = {
+    "asyncpg": {"READ UNCOMMITTED": "READ COMMITTED"},
+}
+_LIBPQ_LIKE: Final = ("psycopg", "psycopg_async", "psycopg2", "psycopg2cffi", "pg8000")
+_READER_AUTOCOMMIT_DRIVERS: Final = ("asyncpg", "psycopg", "psycopg_async")
+_READER_AUTOCOMMIT: Final = "sessionforge_reader_autocommit"
+_SETTING_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+
+
+def driver_isolation_level(driver: str, level: str) -> str:
+    """The level to hand SQLAlchemy's ``driver`` dialect for ``level`` (normalised)."""
+    return _DRIVER_LEVELS.get(driver, {}).get(level, level)
+
+
+def connect_args(
+    driver: str,
+    given: dict[str, Any],
+    *,
+    application_name: str | None,
+    pgbouncer: bool,
+) -> dict[str, Any]:
+    """``given`` connect arguments with the presets added (what the user set wins)."""
+    if driver == "asyncpg":
+        if application_name is not None:
+            settings = dict(given.get("server_settings") or {})
+            settings.setdefault("application_name", application_name)
+            given["server_settings"] = settings
+        if pgbouncer:
+            # PgBouncer in transaction mode hands each transaction to any server
+            # connection, so a named prepared statement may not exist there
+            # (SQLAlchemy #6467, asyncpg #1058): no caches, unique statement names.
+            given.setdefault("statement_cache_size", 0)
+            given.setdefault("prepared_statement_cache_size", 0)
+            given.setdefault("prepared_statement_name_func", _unique_statement_name)
+    elif driver in _LIBPQ_LIKE:
+        if application_name is not None:
+            given.setdefault("application_name", application_name)
+        if pgbouncer and driver in ("psycopg", "psycopg_async"):
+            given.setdefault("prepare_threshold", None)
+    return given
+
+
+def _unique_statement_name() -> str:
+    return f"__sessionforge_{uuid.uuid4().hex}__"
+
+
+# --- the reader's autocommit ----------------------------------------------------------
+
+
+def reader_flips_autocommit(url: URL) -> bool:
+    """Whether ``db.reader()`` switches the driver's ``autocommit`` flag on ``url``."""
+    return (
+        url.get_backend_name() == "postgresql"
+        and url.get_driver_name() in _READER_AUTOCOMMIT_DRIVERS
+    )
+
+
+def reader_begin_listener(url: URL) -> Callable[[Session, Any, Connection], None] | None:
+    """The ``after_begin`` listener that puts a reader's connection in autocommit, if any.
+
+    An option engine with ``isolation_level="AUTOCOMMIT"`` does the same through
+    SQLAlchemy's per-checkout isolation-level handling, which measured about 25 µs per
+    session on asyncpg (set at checkout, restored at checkin, each through the
+    dialect's validation) — most of what a reader saves. Both drivers start their
+    transaction lazily, at the first statement, so at ``after_begin`` nothing has begun
+    yet and the DBAPI ``autocommit`` attribute (asyncpg's adapter emulates it, psycopg
+    has it) can be switched; the pool's checkin switches it back
+    (``install_reader_autocommit_reset``).
+    """
+    return _autocommit_reader_connection if reader_flips_autocommit(url) else None
+
+
+def install_reader_autocommit_reset(engine: Engine) -> None:
+    """Switch a reader's connection back out of autocommit when it returns to the pool."""
+    event.listen(engine, "checkin", _end_reader_autocommit)
+
+
+def _autocommit_reader_connection(
+    session: Session, _transaction: Any, connection: Connection
+) -> None:
+    if not isinstance(session.bind, Engine):
+        return  # bound to a connection of its own (a test's isolated one): leave it be
+    proxied = connection.connection
+    try:
+        proxied.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+    except Exception:  # the driver cannot switch now: the reader runs in a transaction
+        return
+    proxied.info[_READER_AUTOCOMMIT] = True
+
+
+def _end_reader_autocommit(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    if record.info.pop(_READER_AUTOCOMMIT, False):
+        dbapi_connection.autocommit = False
+
+
+# --- transaction-local settings -------------------------------------------------------
+
+
+def check_settings(url: URL, settings: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Validate transaction-local server settings; return (name, value) text pairs."""
+    if not isinstance(settings, Mapping):
+        raise ConfigurationError(
+            f"settings must be a dict of server setting names to values, "
+            f"got {type(settings).__name__}"
+        )
+    if settings and url.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"settings= are PostgreSQL server settings (set_config); "
+            f"{url.get_backend_name()} has no equivalent, so they cannot be applied"
+        )
+    pairs: list[tuple[str, str]] = []
+    for name, value in settings.items():
+        if not isinstance(name, str) or not _SETTING_NAME.fullmatch(name):
+            shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+            raise ConfigurationError(
+                f"setting name {shown} is invalid: use a server setting name like "
+                "'statement_timeout' or a custom one like 'app.tenant_id'"
+            )
+        pairs.append((name, _setting_text(name, value)))
+    return tuple(pairs)
+
+
+def _setting_text(name: str, value: object) -> str:
+    """A setting's value as the text set_config() gets; values are never echoed."""
+
+    def invalid(problem: str) -> ConfigurationError:
+        return ConfigurationError(f"setting {name!r} has {problem}")
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid("a value that is not a finite number; use a number or a string")
+    if isinstance(value, int | float):
+        try:
+            return str(value)
+        except ValueError:  # an int past the 4300 digits int -> str allows
+            raise invalid("an int too large to convert; pass it as a string") from None
+    if not isinstance(value, str):
+        raise invalid(f"a value of type {type(value).__name__}; use a string, a number or a bool")
+    if "\x00" in value:
+        raise invalid("a NUL character in its value, which PostgreSQL text cannot hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(
+            "a value that is not valid Unicode (a lone surrogate); check how it was decoded"
+        ) from None
+    return value
+
+
+def timeout_settings(url: URL, timeout: float | None) -> tuple[tuple[str, str], ...]:
+    """Server settings that enforce ``timeout`` on the server too (PostgreSQL)."""
+    if timeout is None or url.get_backend_name() != "postgresql":
+        return ()
+    return (("statement_timeout", str(max(1, round(timeout * 1000)))),)
+
+
+def settings_statement(count: int) -> str:
+    """One SELECT applying ``count`` transaction-local settings, all values bound."""
+    calls = ", ".join(f"set_config(:name_{i}, :value_{i}, true)" for i in range(count))
+    return f"SELECT {calls}"
