@@ -35,7 +35,6 @@ from ._internal.cancellation import end_and_close
 from ._internal.context import Deferred
 from ._internal.core import core_of
 from ._internal.session import retire
-from ._internal.transactions import ATOMIC_DEPTH
 from .errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -104,7 +103,7 @@ class RequestSession(Deferred[_AS]):
                         raise SessionClosedError(self._ended_message())
                     session = (make or self.make)()
                     if self.atomic:
-                        setattr(session.sync_session, ATOMIC_DEPTH, 1)
+                        session.sync_session._sessionforge_state.atomic_depth = 1  # type: ignore[attr-defined]
                     if make is not None:
                         self.key = key
                     self.session = session

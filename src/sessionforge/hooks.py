@@ -39,7 +39,6 @@ logger = logging.getLogger("sessionforge.hooks")
 Hook = Callable[[], Any]
 Kind = Literal["on_commit", "after_rollback"]
 
-_STATE: Final = "_sessionforge_hooks"
 
 #: Key in the ``info`` of a connection whose sessions' on-commit hooks are handed to the
 #: callable stored there instead of running (``sessionforge.testing.isolated`` sets it:
@@ -105,8 +104,14 @@ def after_rollback(session: Session | AsyncSession, fn: Hook) -> None:
 
 def hook_errors(session: Session | AsyncSession) -> list[HookError]:
     """The hooks of ``session`` that raised so far, oldest first."""
-    state = getattr(_sync_session(session), _STATE, None)
+    state = _hooks_of(_sync_session(session))
     return list(state.errors) if state is not None else []
+
+
+def _hooks_of(session: Session) -> _State | None:
+    """The hooks of a sessionforge session (in its ``SessionState``), if any yet."""
+    state = getattr(session, "_sessionforge_state", None)  # None: not a factory's session
+    return None if state is None else state.hooks
 
 
 def _sync_session(session: Session | AsyncSession) -> Session:
@@ -127,10 +132,9 @@ def _register(session: Session | AsyncSession, kind: Kind, fn: Hook) -> None:
             f"{kind}() got the async function {getattr(fn, '__qualname__', fn)!r} on a sync "
             "session, which cannot await it; register a sync function, or use the async factory"
         )
-    state: _State | None = getattr(sync, _STATE, None)
+    state = _hooks_of(sync)
     if state is None:
-        state = _State()
-        setattr(sync, _STATE, state)
+        state = sync._sessionforge_state.hooks = _State()  # type: ignore[attr-defined]
     transaction = sync.get_nested_transaction() or sync.get_transaction()
     if transaction is not None and transaction is state.ending:
         running = state.running
@@ -160,7 +164,7 @@ def _is_ours(session_class: type) -> bool:
 
 
 def _after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
-    state: _State | None = getattr(session, _STATE, None)
+    state: _State | None = session._sessionforge_state.hooks  # type: ignore[attr-defined]
     if state is None or not state.pending or transaction.parent is not None:
         return
     state.by_transaction[transaction] = state.pending
@@ -170,7 +174,7 @@ def _after_transaction_create(session: Session, transaction: SessionTransaction)
 def _after_commit(session: Session) -> None:
     # Fires for the outermost COMMIT and for each SAVEPOINT release, while the
     # committing transaction is still the session's innermost one.
-    state: _State | None = getattr(session, _STATE, None)
+    state: _State | None = session._sessionforge_state.hooks  # type: ignore[attr-defined]
     if state is None or not state.by_transaction:
         return
     transaction = session.get_nested_transaction() or session.get_transaction()
@@ -191,7 +195,7 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    state: _State | None = getattr(session, _STATE, None)
+    state: _State | None = session._sessionforge_state.hooks  # type: ignore[attr-defined]
     if state is None or not state.by_transaction:
         return
     hooks = state.by_transaction.pop(transaction, None)
@@ -211,7 +215,7 @@ def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
 
 def discard_pending(session: Session) -> None:
     """Forget hooks waiting for a transaction: the session was closed before one began."""
-    state: _State | None = getattr(session, _STATE, None)
+    state: _State | None = session._sessionforge_state.hooks  # type: ignore[attr-defined]
     if state is not None:
         state.pending.clear()
 

@@ -49,7 +49,6 @@ from .targets import (
     resolve_target,
 )
 from .transactions import (
-    OPTIONS_ATTRIBUTE,
     TransactionOptions,
     for_isolation,
     reader_options,
@@ -94,7 +93,10 @@ class FactoryCore(Binding, Generic[_AS]):
             config.class_, config.sync_class_, self.stats
         )
         self.async_class = cast("type[_AS]", async_class)
-        self.session_arguments = session_argument_names(self.async_class, self.sync_class)
+        # The classes given, not ours: SyncHookMethods.__init__ takes (*args, **kwargs).
+        self.session_arguments = session_argument_names(
+            config.class_, config.sync_class_ or config.class_.sync_session_class
+        )
         self.owns_async_engine = True
         self.owns_sync_engine = True
         self._user_async_engine: AsyncEngine | None = None
@@ -138,7 +140,7 @@ class FactoryCore(Binding, Generic[_AS]):
             self.config.bound_url  # noqa: B018 (raises the ConfigurationError)
         session = cls(bind=bind, **kwargs)
         if options is not None and not reader:
-            setattr(session.sync_session, OPTIONS_ATTRIBUTE, options)
+            session.sync_session._sessionforge_state.options = options  # type: ignore[attr-defined]
         opened_session(session.sync_session, self.config.track_session_origin)
         return session
 
@@ -158,7 +160,7 @@ class FactoryCore(Binding, Generic[_AS]):
             self.config.bound_url  # noqa: B018 (raises the ConfigurationError)
         session = cls(bind=bind, **kwargs)
         if options is not None and not reader:
-            setattr(session, OPTIONS_ATTRIBUTE, options)
+            session._sessionforge_state.options = options  # type: ignore[attr-defined]
         opened_session(session, self.config.track_session_origin)
         return session
 

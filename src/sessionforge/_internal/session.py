@@ -23,6 +23,7 @@ from sessionforge.errors import ConcurrentSessionUseError, SessionClosedError
 
 from . import stats, transactions
 from .cancellation import end_and_close
+from .state import SessionState
 
 __all__ = [
     "AsyncHookMethods",
@@ -36,7 +37,16 @@ _AS = TypeVar("_AS", bound=AsyncSession)
 
 
 class SyncHookMethods:
-    """``session.on_commit(fn)`` and ``session.after_rollback(fn)`` on sync sessions."""
+    """``session.on_commit(fn)`` and ``session.after_rollback(fn)`` on sync sessions.
+
+    Also gives every session its ``SessionState`` (``state.py``).
+    """
+
+    _sessionforge_state: SessionState
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._sessionforge_state = SessionState()
+        super().__init__(*args, **kwargs)
 
     def on_commit(self, fn: hooks.Hook) -> None:
         """Run ``fn()`` after the outermost transaction commits (see ``hooks``)."""

@@ -24,6 +24,7 @@ from . import sqla as _sqla
 
 if TYPE_CHECKING:
     from .engines import EngineStatus
+    from .state import SessionState
 
 __all__ = [
     "Counters",
@@ -42,12 +43,6 @@ logger = logging.getLogger("sessionforge.sessions")
 
 #: Class attribute of a factory's session classes: that factory's ``FactoryStats``.
 STATS: Final = "_sessionforge_stats"
-_OPEN: Final = "_sessionforge_counted_open"
-_CONNECTED: Final = "_sessionforge_connected_transaction"
-_ENGINE: Final = "_sessionforge_connected_engine"
-_COMMITTED: Final = "_sessionforge_committed_transaction"
-#: Where the session was made (a formatted stack), when ``track_session_origin`` is on.
-ORIGIN: Final = "_sessionforge_origin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +89,14 @@ class FactoryStats:
         self._rolled_back = itertools.count()
         self._retried = itertools.count()
 
-    def opened(self, session: Session) -> None:
-        if not getattr(session, _OPEN, False):
-            setattr(session, _OPEN, True)
+    def opened(self, state: SessionState) -> None:
+        if not state.counted_open:
+            state.counted_open = True
             next(self._made)
 
-    def closed(self, session: Session) -> None:
-        if getattr(session, _OPEN, False):
-            setattr(session, _OPEN, False)
+    def closed(self, state: SessionState) -> None:
+        if state.counted_open:
+            state.counted_open = False
             next(self._closed)
 
     def retried(self) -> None:
@@ -132,13 +127,19 @@ def install(session_class: type[Session], stats: FactoryStats) -> None:
 
 def opened_session(session: Session, track_origin: bool) -> None:
     """Count a session the factory just made (and note where, if asked to)."""
-    _stats(session).opened(session)
+    state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+    _stats(session).opened(state)
     if track_origin:
-        setattr(session, ORIGIN, traceback.format_stack(limit=12)[:-3])
+        state.origin = traceback.format_stack(limit=12)[:-3]
 
 
 def closed_session(session: Session) -> None:
-    _stats(session).closed(session)
+    _stats(session).closed(_state(session))
+
+
+def _state(session: Session) -> SessionState:
+    state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+    return state
 
 
 def _stats(session: Session) -> FactoryStats:
@@ -148,47 +149,47 @@ def _stats(session: Session) -> FactoryStats:
 
 def _reopened(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # a closed session in use again
-        _stats(session).opened(session)
+        _stats(session).opened(_state(session))
 
 
 def _connected(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     if transaction.parent is None:
-        setattr(session, _CONNECTED, transaction)
-        setattr(session, _ENGINE, connection.engine)
+        state = _state(session)
+        state.connected = transaction
+        state.engine = connection.engine
 
 
 def _committed(session: Session) -> None:
     if session.get_nested_transaction() is None:
-        setattr(session, _COMMITTED, session.get_transaction())
+        _state(session).committed = session.get_transaction()
 
 
 def _ended(session: Session, transaction: SessionTransaction) -> None:
     # Only transactions that reached the database count: a begin() that ran no
     # statement neither commits nor rolls back anything.
-    if transaction.parent is not None or getattr(session, _CONNECTED, None) is not transaction:
+    state = _state(session)
+    if transaction.parent is not None or state.connected is not transaction:
         return
-    setattr(session, _CONNECTED, None)
-    committed = getattr(session, _COMMITTED, None) is transaction
-    setattr(session, _COMMITTED, None)
+    state.connected = None
+    committed = state.committed is transaction
+    state.committed = None
     _stats(session)._count(committed)
 
 
 def holds_connection(session: Session) -> bool:
     """Whether ``session`` is in a transaction that reached the database."""
-    return getattr(session, _CONNECTED, None) is not None
+    return _state(session).connected is not None
 
 
 def connected_engine(session: Session) -> Engine | None:
     """The engine of the connection ``session`` holds, if it holds one."""
-    if getattr(session, _CONNECTED, None) is None:
-        return None
-    engine: Engine | None = getattr(session, _ENGINE, None)
-    return engine
+    state = _state(session)
+    return None if state.connected is None else state.engine
 
 
 def is_open(session: Session) -> bool:
     """Whether ``session`` was made (or used again) and not closed since."""
-    return bool(getattr(session, _OPEN, False))
+    return _state(session).counted_open
 
 
 def open_sessions(session_class: type[Session]) -> list[Session]:
@@ -206,7 +207,7 @@ def report_leak(session: Session) -> None:
     code — so if a warnings filter turns the warning into an error, it is logged on
     ``sessionforge.sessions`` instead of being raised inside the garbage collector.
     """
-    origin = getattr(session, ORIGIN, None)
+    origin = _state(session).origin
     where = (
         "; it was made at:\n" + "".join(origin)
         if origin

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
@@ -21,6 +21,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sessionforge import dialects
 from sessionforge.config import finite_seconds, shown_value
 from sessionforge.errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
+
+if TYPE_CHECKING:
+    from .state import SessionState
 
 __all__ = [
     "RetryPolicy",
@@ -163,14 +166,10 @@ def install(session_class: type[Session]) -> None:
     event.listen(session_class, "after_begin", _apply_settings)
 
 
-#: Attribute of a sync session holding the options of the ``begin()`` that made it.
-OPTIONS_ATTRIBUTE: Final = "_sessionforge_transaction_options"
-
-
 def _apply_settings(session: Session, transaction: SessionTransaction, connection: Any) -> None:
     if transaction.parent is not None:
         return  # SAVEPOINTs share the outer transaction's settings
-    options: TransactionOptions | None = getattr(session, OPTIONS_ATTRIBUTE, None)
+    options = session._sessionforge_state.options  # type: ignore[attr-defined]
     if options is None or not options.settings:
         return
     connection.execute(
@@ -241,19 +240,16 @@ class RetryPolicy:
         return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2 ** min(attempt - 1, 64)))
 
 
-#: Attribute of a sync session counting the atomic() blocks open on it.
-ATOMIC_DEPTH: Final = "_sessionforge_atomic_depth"
-
-
 @contextmanager
 def atomic_block(session: Session) -> Iterator[int]:
     """Count one more atomic() block on ``session``; yield how many enclosed it."""
-    depth: int = getattr(session, ATOMIC_DEPTH, 0)
-    setattr(session, ATOMIC_DEPTH, depth + 1)
+    state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+    depth = state.atomic_depth
+    state.atomic_depth = depth + 1
     try:
         yield depth
     finally:
-        setattr(session, ATOMIC_DEPTH, depth)
+        state.atomic_depth = depth
 
 
 def joins(session: Session | None) -> bool:
@@ -263,9 +259,10 @@ def joins(session: Session | None) -> bool:
     atomic block without having begun one yet: a request's session (the ASGI
     integration), whose transaction the request commits.
     """
-    return session is not None and (
-        session.in_transaction() or getattr(session, ATOMIC_DEPTH, 0) > 0
-    )
+    if session is None:
+        return False
+    state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+    return session.in_transaction() or state.atomic_depth > 0
 
 
 def check_durable(durable: object) -> None:
