@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session
 
 from sessionforge import dialects
 from sessionforge.config import (
-    ENGINE_OPTIONS,
-    PRESET_OPTIONS,
+    OPTIONS,
     FactoryConfig,
     check_session_argument,
     mask_url,
@@ -73,7 +72,7 @@ _S = TypeVar("_S", bound=Session)
 
 # configure() takes these as config fields; any other session argument goes to
 # session_options.
-_NAMED_SESSION_OPTIONS = frozenset({"autoflush", "expire_on_commit", "info"})
+_NAMED_SESSION_OPTIONS = frozenset(n for n, o in OPTIONS.items() if o.session_argument)
 _UNSET: Any = object()
 
 
@@ -229,7 +228,8 @@ class FactoryCore(Binding, Generic[_AS]):
         changes: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for name, value in options.items():
-            if name in ENGINE_OPTIONS or name in PRESET_OPTIONS or name == "sync_connect_args":
+            declared = OPTIONS.get(name)
+            if declared is not None and declared.group in ("engine", "preset"):
                 raise ConfigurationError(
                     f"configure() changes session options only; {name} shapes the engine, "
                     "so pass it when the factory is made"

@@ -41,6 +41,7 @@ __all__ = [
     "build_async_engine",
     "build_sync_engine",
     "check_driver",
+    "describe_presets",
     "engine_kwargs",
     "engine_status",
 ]
@@ -246,3 +247,26 @@ def engine_status(role: str, engine: Engine) -> EngineStatus:
         checked_out=figure("checkedout") or 0,
         overflow=figure("overflow"),
     )
+
+
+def describe_presets(config: FactoryConfig, url: URL) -> dict[str, Any]:
+    """Return the presets in effect for ``url``, for ``sessionforge check`` and logs."""
+    if dialects.is_sqlite(url):
+        presets: dict[str, Any] = {
+            "begin": config.sqlite_begin,
+            "busy_timeout": config.sqlite_busy_timeout,
+            "synchronous": config.sqlite_synchronous,
+            "foreign_keys": config.sqlite_foreign_keys,
+        }
+        if dialects.is_memory_sqlite(url):
+            presets["memory"] = "one shared connection; transactions serialised"
+        else:
+            presets["journal_mode"] = config.sqlite_journal_mode
+        return presets
+    if url.get_backend_name() == "postgresql":
+        return {
+            "application_name": config.application_name,
+            "pgbouncer": config.pgbouncer,
+            "ping_after": config.ping_after,
+        }
+    return {"ping_after": config.ping_after}

@@ -17,9 +17,8 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sessionforge import dialects
 from sessionforge._internal.diagnosis import sqlite_cannot_open, sqlite_path, sqlite_unopenable
-from sessionforge._internal.engines import EngineStatus, engine_status
+from sessionforge._internal.engines import EngineStatus, describe_presets, engine_status
 from sessionforge.config import FactoryConfig, mask_url
 from sessionforge.errors import DatabaseUnavailableError
 from sessionforge.factory import SessionFactory
@@ -73,7 +72,7 @@ async def gather_check(config: FactoryConfig, source: str, timeout: float) -> Ch
             dialect=engine.dialect.name,
             driver=engine.dialect.driver,
             server_version=_server_version(engine),
-            presets=dialects.describe_presets(db.config, db.url),
+            presets=describe_presets(db.config, db.url),
             pool=engine_status("async", engine.sync_engine),
             ping_seconds=seconds,
         )

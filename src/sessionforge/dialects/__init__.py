@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL
@@ -36,10 +36,6 @@ from .sqlite import is_memory_sqlite as is_memory_sqlite
 from .sqlite import is_sqlite as is_sqlite
 from .sqlite import normalise_memory_sqlite as normalise_memory_sqlite
 
-if TYPE_CHECKING:
-    # For describe_presets only, which sessionforge check calls with a config.
-    from sessionforge.config import FactoryConfig
-
 __all__ = [
     "MAX_SECONDS",
     "DriverInfo",
@@ -49,7 +45,6 @@ __all__ = [
     "check_settings",
     "check_url",
     "default_async_driver",
-    "describe_presets",
     "display_name",
     "driver_isolation_level",
     "find_driver",
@@ -284,26 +279,3 @@ def reader_execution_options(url: URL) -> dict[str, Any]:
     if postgresql.reader_flips_autocommit(url):
         return {}
     return {"isolation_level": check_isolation_level(url, "AUTOCOMMIT")}
-
-
-def describe_presets(config: FactoryConfig, url: URL) -> dict[str, Any]:
-    """Return the presets in effect for ``url``, for ``sessionforge check`` and logs."""
-    if is_sqlite(url):
-        presets: dict[str, Any] = {
-            "begin": config.sqlite_begin,
-            "busy_timeout": config.sqlite_busy_timeout,
-            "synchronous": config.sqlite_synchronous,
-            "foreign_keys": config.sqlite_foreign_keys,
-        }
-        if is_memory_sqlite(url):
-            presets["memory"] = "one shared connection; transactions serialised"
-        else:
-            presets["journal_mode"] = config.sqlite_journal_mode
-        return presets
-    if url.get_backend_name() == "postgresql":
-        return {
-            "application_name": config.application_name,
-            "pgbouncer": config.pgbouncer,
-            "ping_after": config.ping_after,
-        }
-    return {"ping_after": config.ping_after}
