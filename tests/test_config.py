@@ -557,3 +557,13 @@ def test_ill_typed_values_are_shown_masked(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError, match="is invalid") as raised:
         FactoryConfig.from_url("sqlite://", **options)
     assert "s3cret" not in str(raised.value)
+
+
+async def test_echo_debug_reaches_both_engines_as_debug() -> None:
+    """echo="debug" also logs result rows; it used to reach the engine as echo=True."""
+    db = SessionFactory("sqlite://", echo="debug")
+    try:
+        assert db.engine.echo == "debug"
+        assert db.sync.engine.echo == "debug"
+    finally:
+        await db.dispose()

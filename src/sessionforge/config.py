@@ -32,6 +32,7 @@ from ._internal.options import (
     declared_options,
     mapping_option,
     option,
+    when_on,
     when_set,
     when_true,
 )
@@ -121,6 +122,7 @@ _SYNCHRONOUS: Final = _choice(sqlite.SYNCHRONOUS_LEVELS, optional=True, upper=Tr
 _BEGIN: Final = _choice(sqlite.BEGIN_MODES, optional=False, upper=False)
 _AS_GIVEN: Final = {"engine_argument": when_set}  # create_engine(name=value) unless None
 _IF_TRUE: Final = {"engine_argument": when_true}  # create_engine(name=True) when true
+_IF_ON: Final = {"engine_argument": when_on}  # create_engine(name=value) unless false
 _PER_SESSION: Final = {"session_argument": True, "with_user_engine": True}
 
 
@@ -144,7 +146,7 @@ class FactoryConfig:
     pool_timeout: float | None = option("engine", None, _POOL_SECONDS, "", **_AS_GIVEN)
     pool_recycle: int | None = option("engine", None, _int(-1), "", **_AS_GIVEN)
     pool_use_lifo: bool = option("engine", False, _bool, "", **_IF_TRUE)
-    echo: bool | Literal["debug"] = option("engine", False, _echo, "", **_IF_TRUE)
+    echo: bool | Literal["debug"] = option("engine", False, _echo, "", **_IF_ON)
     isolation_level: str | None = option(
         "engine", None, _optional_str, "create_engine(isolation_level=), as the driver spells it"
     )

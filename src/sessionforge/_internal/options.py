@@ -120,6 +120,11 @@ def when_set(value: Any) -> Any:
     return value
 
 
+def when_on(value: Any) -> Any:
+    """Engine argument: the option's value when it is not false (``echo="debug"``)."""
+    return value if value else None
+
+
 def when_true(value: Any) -> bool | None:
     """Engine argument: ``True`` when the option is (truthy), else not passed."""
     return True if value else None
