@@ -567,3 +567,8 @@ async def test_echo_debug_reaches_both_engines_as_debug() -> None:
         assert db.sync.engine.echo == "debug"
     finally:
         await db.dispose()
+
+
+def test_binds_given_to_a_config_points_to_the_factory() -> None:
+    with pytest.raises(ConfigurationError, match=r"binds is not a FactoryConfig option.*"):
+        FactoryConfig.from_url("sqlite://", binds={})  # type: ignore[call-arg]

@@ -1,4 +1,4 @@
-"""sqlite+sessionforge, the driver of sqlite_driver.py, on a SQLite file and in memory.
+"""sqlite+sessionforge, the driver of drivers/sqlite.py, on a SQLite file and in memory.
 
 The whole suite runs on this driver with SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge;
 these tests cover what is the driver's own: DBAPI results, errors, streaming, the

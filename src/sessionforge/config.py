@@ -29,9 +29,11 @@ from ._internal.options import (
     DEFAULT_PING_AFTER,
     Option,
     check_names,
+    check_session_argument,
     declared_options,
     mapping_option,
     option,
+    session_argument_names,
     when_on,
     when_set,
     when_true,
@@ -45,10 +47,6 @@ from ._internal.options import check_optional_bool as _optional_bool
 from ._internal.options import check_optional_mapping as _optional_mapping
 from ._internal.options import check_optional_str as _optional_str
 from ._internal.options import check_seconds as _seconds
-from ._internal.options import check_session_argument as check_session_argument
-from ._internal.options import finite_seconds as finite_seconds
-from ._internal.options import session_argument_names as session_argument_names
-from ._internal.options import shown_value as shown_value
 from ._internal.urls import mask_mapping, parse_url
 from ._internal.urls import mask_url as mask_url
 from .dialects import sqlite

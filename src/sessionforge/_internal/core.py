@@ -16,13 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from sessionforge import dialects
-from sessionforge.config import (
-    OPTIONS,
-    FactoryConfig,
-    check_session_argument,
-    mask_url,
-    session_argument_names,
-)
+from sessionforge.config import OPTIONS, FactoryConfig, mask_url
 from sessionforge.errors import ConfigurationError
 
 from .binding import Binding, IsolatedConnection
@@ -33,6 +27,7 @@ from .engines import (
     check_driver,
 )
 from .loops import LoopEngines
+from .options import check_session_argument, session_argument_names
 from .readers import reader_classes
 from .session import make_session_classes
 from .sqla import async_proxy

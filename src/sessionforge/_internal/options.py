@@ -278,10 +278,15 @@ def check_names(options: Mapping[str, Any], known: frozenset[str]) -> None:
     for name in options:
         if name in known:
             continue
-        if name in ("bind", "binds"):
+        if name == "bind":
             raise ConfigurationError(
-                f"{name} is set by the factory from its URL; "
-                "create another SessionFactory for another database"
+                "bind is set by the factory: it is the factory's first argument "
+                "(SessionFactory(engine_or_url)), or configure(bind=...) for one made without"
+            )
+        if name == "binds":
+            raise ConfigurationError(
+                "binds is not a FactoryConfig option (a config holds values, not engines); "
+                "pass it to the factory, SessionFactory(url, binds=...), or to configure()"
             )
         elsewhere = _elsewhere(name, known)
         if elsewhere is not None:

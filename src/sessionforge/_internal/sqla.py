@@ -1,4 +1,10 @@
-"""The one place sessionforge relies on SQLAlchemy internals (written against 2.1.9).
+"""Where sessionforge relies on SQLAlchemy internals (written against 2.1.9).
+
+Every touch of a private SQLAlchemy name is a function here, numbered below with its
+reason. Two reliances are of another kind and documented where they sit: the
+``sqlite+sessionforge`` driver subclasses SQLAlchemy's pysqlite dialect classes
+(``drivers/sqlite.py``), and the SQLite BEGIN policy re-asserts ``isolation_level =
+None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
 
 1. Event target routing. ``event.listen(sessionmaker_instance, "before_flush", fn)``
    works because ``SessionEvents._accept_with`` maps a ``sessionmaker`` to its

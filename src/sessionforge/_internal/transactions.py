@@ -19,8 +19,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, SessionTransaction
 
 from sessionforge import dialects
-from sessionforge.config import finite_seconds, shown_value
 from sessionforge.errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
+
+from .options import finite_seconds, shown_value
 
 if TYPE_CHECKING:
     from .state import SessionState
@@ -29,9 +30,12 @@ __all__ = [
     "RetryPolicy",
     "TransactionOptions",
     "atomic_block",
+    "check_durable",
     "check_joinable",
     "for_isolation",
     "install",
+    "joins",
+    "reader_options",
     "transaction_options",
 ]
 

@@ -1,5 +1,8 @@
 """Everything sessionforge knows about particular databases and drivers.
 
+Public: ``is_retryable`` (the README points users at it). The other names are
+sessionforge's own, used by its modules, and may change.
+
 This package holds the tables — drivers (async ↔ sync), URL defaults, the isolation
 levels each dialect accepts — and the small functions that answer "what does this URL's
 database need?". What one database does differently lives in its module:
