@@ -9,7 +9,10 @@ the guards look methods up when called, so class patching reaches them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from unittest import mock
@@ -402,3 +405,31 @@ async def test_a_subclass_override_wins_over_a_patched_base(make_db: DbMaker) ->
     with mock.patch.object(OverridingSession, "scalar", return_value="patched subclass"):
         async with db() as session:
             assert await session.scalar(select(literal(1))) == "patched subclass"
+
+
+@pytest.mark.parametrize("backend", ["sqlite-file"])  # a statement nothing interrupts
+async def test_a_session_given_up_on_is_neither_open_nor_a_leak(make_factory: Any) -> None:
+    """Past pool_timeout twice the exit gives the session up (its connection invalidated):
+    the counters say so, and collecting it later reports no leak."""
+    db = make_factory(pool_timeout=0.1)
+    long_sql = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6000000) "
+        "SELECT count(*) FROM n"
+    )
+    holder: asyncio.Task[Any] | None = None
+    with pytest.raises(ConcurrentSessionUseError):
+        async with db() as session:
+            holder = asyncio.create_task(session.execute(text(long_sql)))
+            await asyncio.sleep(0.02)
+            await session.execute(text("SELECT 2"))
+    assert holder is not None
+    assert db.status().sessions_open == 0
+    assert db.status().checked_out == 0
+    with contextlib.suppress(Exception):
+        await holder  # its connection was invalidated under it
+    del session, holder
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [str(w.message) for w in caught if "garbage-collected" in str(w.message)] == []
+    assert db.status().sessions_open == 0

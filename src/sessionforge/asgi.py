@@ -33,8 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._internal.cancellation import end_and_close
 from ._internal.context import Deferred
-from ._internal.core import core_of
 from ._internal.session import retire
+from ._internal.twin import core_of
 from .errors import (
     ConfigurationError,
     DatabaseUnavailableError,

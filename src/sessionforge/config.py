@@ -378,7 +378,7 @@ class FactoryConfig:
                     f"session_options[{key!r}] duplicates the option {key}=; pass it as "
                     f"SessionFactory(url, {key}=...)"
                 )
-            check_session_argument(key, allowed)
+            check_session_argument(key, allowed, self.session_options[key])
 
     def _check_dialect_options(self, given: Mapping[str, Any]) -> None:
         if self.url is None:  # unbound: checked when configure(bind=...) gives the URL

@@ -329,13 +329,13 @@ class SessionFactory(TwinBase, Generic[_AS]):
     async def close_all(self) -> int:
         """Close every open session this factory made in the running event loop.
 
-        For a graceful shutdown: sessions in a transaction are rolled back, their
-        connections returned; those holding another loop's connection are left alone.
-        Returns how many were closed (``sessionmaker.close_all()`` is gone in 2.1).
+        For a graceful shutdown (returns how many): transactions are rolled back, their
+        connections returned; sessions holding another loop's connection are left alone.
         """
         sessions = self._core.open_sessions("async")
-        for session in sessions:
-            await session.close()
+        ended = await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        if errors := [outcome for outcome in ended if isinstance(outcome, BaseException)]:
+            raise errors[0]  # every session had its close first
         return len(sessions)
 
     # the database ------------------------------------------------------------------

@@ -57,7 +57,6 @@ __all__ = [
     "Resolved",
     "Twin",
     "check_ping_timeout",
-    "core_of",
     "resolve_target",
     "unavailable",
 ]
@@ -161,18 +160,19 @@ class FactoryCore(Binding, Generic[_AS]):
     def open_sessions(self, twin: Twin) -> list[Any]:
         """The open sessions of ``twin`` that ``close_all()`` closes here.
 
-        Async: those whose connection (if any) belongs to the running loop's engine;
+        Async: those holding no connection, or one of the running loop's engine (a
+        session left open in a loop that has ended cannot be closed from this one);
         sync: those of the sync twin (not the sync side of an async session).
         """
         found: list[Any] = []
         current = self.async_engine_if_built
-        others = {e.sync_engine for e in self._loop_engines.engines() if e is not current}
+        here = None if current is None else current.sync_engine
         for session in open_sessions(self.sync_class):
             proxy = async_proxy(session)
             if twin == "sync":
                 if proxy is None:
                     found.append(session)
-            elif proxy is not None and connected_engine(session) not in others:
+            elif proxy is not None and connected_engine(session) in (None, here):
                 found.append(proxy)
         return found
 
@@ -197,8 +197,8 @@ class FactoryCore(Binding, Generic[_AS]):
             if binds:
                 kwargs["binds"] = resolve_binds(binds, twin)
             return kwargs
-        for name in overrides:
-            check_session_argument(name, self.session_arguments)
+        for name, value in overrides.items():
+            check_session_argument(name, self.session_arguments, value)
         kwargs = dict(overrides)
         for name, value in defaults[1].items():
             if name == "info" and "info" in kwargs:
@@ -229,7 +229,7 @@ class FactoryCore(Binding, Generic[_AS]):
                     f"configure() changes session options only; {name} shapes the engine, "
                     "so pass it when the factory is made"
                 )
-            check_session_argument(name, self.session_arguments)
+            check_session_argument(name, self.session_arguments, value)
             if name in _NAMED_SESSION_OPTIONS:
                 changes[name] = value
             else:
@@ -309,10 +309,3 @@ class FactoryCore(Binding, Generic[_AS]):
         options = "".join(f", {k}={v!r}" for k, v in shown.items())
         where = None if url is None else mask_url(url)
         return f"{name}(class_={class_.__name__!r}, url={where!r}{options})"
-
-
-def core_of(factory: Any) -> FactoryCore[Any]:
-    """The core of a ``SessionFactory`` or ``SyncSessionFactory``, for sessionforge's own
-    integrations (``asgi``, ``testing``); users never need it."""
-    core: FactoryCore[Any] = factory._core
-    return core

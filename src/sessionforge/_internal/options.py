@@ -22,10 +22,11 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast, get_args
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.session import JoinTransactionMode
 
 from sessionforge.errors import ConfigurationError
 
@@ -392,9 +393,21 @@ def session_argument_names(*classes: type) -> frozenset[str]:
     return frozenset(names - _FACTORY_OWNED - {"self"})
 
 
-def check_session_argument(name: str, allowed: frozenset[str]) -> None:
-    """Raise ``ConfigurationError`` unless ``name`` is a session keyword argument."""
+_JOIN_MODES: Final = get_args(JoinTransactionMode)
+
+
+def check_session_argument(name: str, allowed: frozenset[str], value: Any = None) -> None:
+    """Raise ``ConfigurationError`` unless ``name`` is a session keyword argument.
+
+    The values sessionforge knows to check are checked too (``join_transaction_mode``,
+    which SQLAlchemy only checks when the first session is made).
+    """
     if name in allowed:
+        if name == "join_transaction_mode" and value not in _JOIN_MODES:
+            raise ConfigurationError(
+                f"join_transaction_mode={shown_value(value)} is invalid: expected one of "
+                + ", ".join(repr(mode) for mode in _JOIN_MODES)
+            )
         return
     if name in _FACTORY_OWNED:
         raise ConfigurationError(

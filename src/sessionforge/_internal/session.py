@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from sessionforge import hooks
-from sessionforge.errors import ConcurrentSessionUseError, SessionClosedError
+from sessionforge.errors import ConcurrentSessionUseError, ConfigurationError, SessionClosedError
 
 from . import stats, transactions
 from .cancellation import end_and_close
@@ -147,6 +147,9 @@ class AsyncHookMethods:
             except TimeoutError:
                 if invalidated:
                     retire(self, _GAVE_UP)  # type: ignore[arg-type]
+                    # Never closed now, but its connection went back to the pool
+                    # invalidated: neither open nor a leak.
+                    stats.forget(self.sync_session)
                     return False, _UNCLAIMED
                 _invalidate_connection(self.sync_session)
                 invalidated = True
@@ -405,9 +408,18 @@ def make_session_classes(
 ) -> tuple[type[_AS], type[Session]]:
     """Return fresh (async, sync) subclasses for one factory's sessions."""
     sync_base: type[Session] = sync_class_ or class_.sync_session_class
+    for given, mixin in ((class_, AsyncHookMethods), (sync_base, SyncHookMethods)):
+        if issubclass(given, mixin):
+            raise ConfigurationError(
+                f"{given.__name__} is a sessionforge factory's own session class; give the "
+                "new factory the class that factory was given (db.config.class_ / "
+                "db.config.sync_class_), or a subclass of it"
+            )
     sync_class = type(
         sync_base.__name__, (SyncHookMethods, sync_base), {"__module__": sync_base.__module__}
     )
+    # SyncHookMethods.__init__ takes (*args, **kwargs): show the given class's signature.
+    sync_class.__signature__ = inspect.signature(sync_base)  # type: ignore[attr-defined]
     hooks.install(sync_class)
     transactions.install(sync_class)
     stats.install(sync_class, counters)

@@ -32,6 +32,7 @@ __all__ = [
     "FactoryStatus",
     "closed_session",
     "connected_engine",
+    "forget",
     "install",
     "is_open",
     "open_sessions",
@@ -174,6 +175,14 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
     committed = state.committed is transaction
     state.committed = None
     _stats(session)._count(committed)
+
+
+def forget(session: Session) -> None:
+    """Count ``session`` closed and holding nothing: it was given up, its connection
+    invalidated and returned (the guard, when another task's call never ended)."""
+    state = _state(session)
+    state.connected = None
+    _stats(session).closed(state)
 
 
 def holds_connection(session: Session) -> bool:

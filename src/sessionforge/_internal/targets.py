@@ -28,6 +28,9 @@ from sessionforge.config import (
 )
 from sessionforge.errors import ConfigurationError
 
+from .engines import check_driver
+from .twin import TwinBase, core_of
+
 if TYPE_CHECKING:
     from .core import FactoryCore
 
@@ -122,18 +125,23 @@ def dataclasses_replace(config: FactoryConfig, url: URL) -> FactoryConfig:
     return config if config.url is url else replace(config, url=url)
 
 
-def check_target_twin(target: object, twin: Twin, where: str) -> None:
+def check_target_twin(target: object, twin: Twin, where: str, *, bind: bool = False) -> None:
+    """Refuse an engine or connection of the other twin's kind; ``bind``: in ``binds``."""
     is_async = isinstance(target, AsyncEngine | AsyncConnection)
     if is_async == (twin == "async"):
         return
     kind = type(target).__name__
+    # A binds target cannot be a URL; a sessionforge factory serves both twins.
+    instead = "bind a sessionforge factory (it has both kinds of engine), or " if bind else ""
     if twin == "async":
+        use = "pass an AsyncEngine" if bind else "pass a URL"
         raise ConfigurationError(
-            f"{where} needs an AsyncEngine or AsyncConnection, got {kind}; pass a URL, "
+            f"{where} needs an AsyncEngine or AsyncConnection, got {kind}; {instead}{use}, "
             "or use SyncSessionFactory for sync code"
         )
+    use = "an Engine" if bind else "a URL"
     raise ConfigurationError(
-        f"{where} needs an Engine or Connection, got {kind}; pass a URL, or use "
+        f"{where} needs an Engine or Connection, got {kind}; {instead}pass {use}, or use "
         "SessionFactory for async code"
     )
 
@@ -174,9 +182,6 @@ def check_binds(binds: object, *, twin: Twin) -> dict[Any, BindTarget]:
             f"binds must be a dict of {{mapped class, Mapper or Table: engine or factory}}, "
             f"got {type(binds).__name__}"
         )
-    from sessionforge.factory import SessionFactory
-    from sessionforge.sync import SyncSessionFactory
-
     checked: dict[Any, BindTarget] = {}
     for key, target in binds.items():
         if not isinstance(key, type):
@@ -187,10 +192,10 @@ def check_binds(binds: object, *, twin: Twin) -> dict[Any, BindTarget]:
                     "classes or tables to their databases: binds={User: engine}"
                 )
         name = bind_name(key)
-        if isinstance(target, SessionFactory | SyncSessionFactory):
-            checked[key] = FactoryBind(target, target._core)
+        if isinstance(target, TwinBase):  # SessionFactory or SyncSessionFactory
+            checked[key] = FactoryBind(target, core_of(target))
         elif isinstance(target, AsyncEngine | Engine | AsyncConnection | Connection):
-            check_target_twin(target, twin, f"binds[{name}]")
+            check_target_twin(target, twin, f"binds[{name}]", bind=True)
             checked[key] = target
         else:
             raise ConfigurationError(
@@ -214,7 +219,8 @@ def resolve_binds(binds: Mapping[Any, BindTarget], twin: Twin) -> dict[Any, Any]
                 )
             resolved[key] = bind
         else:
-            check_target_twin(target, twin, f"binds[{bind_name(key)}] (the {twin} twin)")
+            where = f"binds[{bind_name(key)}] (the {twin} twin)"
+            check_target_twin(target, twin, where, bind=True)
             resolved[key] = target
     return resolved
 
@@ -230,8 +236,6 @@ def bind_name(key: object) -> str:
 
 def resolve_rebind(target: object, twin: Twin, config: FactoryConfig) -> Resolved:
     """``configure(bind=target)``: ``config`` bound to a URL, an engine or a connection."""
-    from .engines import check_driver  # engines import config, which this module does too
-
     if isinstance(target, str | URL):
         config = config.replace(url=target)
         if twin == "async":

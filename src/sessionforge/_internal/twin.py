@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .stats import FactoryStatus
     from .targets import Twin
 
-__all__ = ["TwinBase"]
+__all__ = ["TwinBase", "core_of"]
 
 
 class TwinBase:
@@ -85,3 +85,9 @@ class TwinBase:
         """Validate ``run_transaction()``'s / ``transactional()``'s options."""
         policy = RetryPolicy.build(retries, backoff, retry_if)
         return policy, self._core.transaction_options(isolation_level, readonly, timeout, settings)
+
+
+def core_of(factory: TwinBase) -> FactoryCore[Any]:
+    """The core of a ``SessionFactory`` or ``SyncSessionFactory``, for sessionforge's own
+    modules (``asgi``, ``testing``, ``binds``); users never need it."""
+    return factory._core

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import await_
 
-from sessionforge._internal.core import core_of
 from sessionforge._internal.sqla import in_greenlet
+from sessionforge._internal.twin import core_of
 from sessionforge.errors import ConfigurationError, IsolationNotEnteredError
 from sessionforge.factory import SessionFactory
 from sessionforge.sync import SyncSessionFactory
