@@ -2,7 +2,10 @@
 
 ``parse_url`` refuses, with a message that says what to write instead, everything a
 driver would trip over later; ``mask_url`` and ``mask_mapping`` are what every message,
-repr and log line goes through, so a password is never shown.
+repr and log line goes through, so a password is never shown. A PostgreSQL URL may
+list several hosts (libpq's ``db1:5432,db2:5432`` or ``?host=db1:5432&host=db2:5432``);
+``parse_url`` brings both to one form (``dialects/postgresql.py``) and ``mask_url``
+shows it as the comma list.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from sessionforge import dialects
+from sessionforge.dialects import postgresql
 from sessionforge.errors import ConfigurationError
 
 __all__ = ["SECRET_KEY", "mask_mapping", "mask_url", "parse_url"]
@@ -40,8 +44,14 @@ def mask_url(url: URL | str) -> str:
         secret = {key: "***" for key in url.query if SECRET_KEY.search(key)}
         if secret:
             url = url.update_query_dict(secret)
+        hosts = postgresql.listed_hosts(url) if url.get_backend_name() == "postgresql" else None
         try:
-            return url.render_as_string(hide_password=True)
+            if hosts is None:
+                return url.render_as_string(hide_password=True)
+            # The host part is rendered as given; a user name's "%" is percent-encoded,
+            # so the first _HOSTS is the host.
+            shown = url.set(host=_HOSTS).difference_update_query(("host",))
+            return shown.render_as_string(hide_password=True).replace(_HOSTS, hosts, 1)
         except UnicodeEncodeError:  # a lone surrogate cannot be percent-encoded
             return f"{url.drivername}://(a URL with text that is not valid Unicode)"
     scheme, sep, rest = url.partition("://")
@@ -84,18 +94,21 @@ def parse_url(raw: str | URL) -> URL:
     asyncpg, ``sqlite://`` → aiosqlite); ``postgres://`` is read as ``postgresql://``;
     an in-memory SQLite URL gets a shared name. Explicit drivers are kept as given.
     Everything a driver would trip over later is refused here: a scheme that is not
-    ``dialect[+driver]``, a port outside 1-65535, a NUL character.
+    ``dialect[+driver]``, a port outside 1-65535, a NUL character. A PostgreSQL URL
+    with several hosts, in either spelling, comes back as ``?host=h1:p1&host=h2:p2``.
     """
     if isinstance(raw, URL):
-        url = raw
+        url, shown, listed = raw, mask_url(raw), None
     elif isinstance(raw, str):
         _check_unencoded_at(raw)
+        shown = mask_url(raw)
+        raw, listed = _take_host_list(raw.strip())
         _check_raw_port(raw)
         try:
-            url = make_url(raw.strip())
+            url = make_url(raw)
         except (ArgumentError, ValueError):
             raise ConfigurationError(
-                f"could not parse the database URL {mask_url(raw)!r}: expected "
+                f"could not parse the database URL {shown!r}: expected "
                 f"{_URL_FORM}, for example 'postgresql://app@localhost/app' or "
                 "'sqlite:///app.db'"
             ) from None  # SQLAlchemy's message adds nothing, and may quote the URL
@@ -120,6 +133,7 @@ def parse_url(raw: str | URL) -> URL:
             "driver's package is installed"
         ) from None
     dialects.check_url(url)
+    url = _normalise_hosts(url, listed, shown)
     if dialects.is_sqlite(url):
         url = dialects.normalise_memory_sqlite(url)
     return url
@@ -133,6 +147,37 @@ _RAW_PORT: Final = re.compile(
     r"[^:/?#]*://(?:[^:/]*(?::[^@]*)?@)?(?:\[[^/?]+\]|[^/:?]+)?(?::(?P<port>[^/?]*))?"
 )
 _MAX_PORT: Final = 65535
+# The host part, as SQLAlchemy's URL pattern delimits it (see _RAW_PORT).
+_HOST_PART: Final = re.compile(
+    r"(?P<head>[^:/?#]*://(?:[^:/]*(?::[^@]*)?@)?)(?P<hosts>[^/?#]*)(?P<tail>.*)", re.DOTALL
+)
+_HOSTS: Final = "%hosts%"
+
+
+def _take_host_list(raw: str) -> tuple[str, str | None]:
+    """``raw`` without libpq's comma list of hosts, and that list (None without one).
+
+    SQLAlchemy reads ``db1:5432,db2:5432`` as host ``db1`` with the port
+    ``5432,db2:5432`` and fails on it; ``_normalise_hosts`` puts the list back.
+    """
+    match = _HOST_PART.match(raw)
+    if match is None or "," not in match["hosts"]:
+        return raw, None
+    return match["head"] + match["tail"], match["hosts"]
+
+
+def _normalise_hosts(url: URL, listed: str | None, shown: str) -> URL:
+    if url.get_backend_name() == "postgresql":
+        normalised = postgresql.normalise_hosts(url, listed, shown)
+        if normalised is not url:
+            _check_url_parts(normalised)  # the listed hosts were not checked yet
+        return normalised
+    if listed is not None or "," in (url.host or ""):
+        raise ConfigurationError(
+            f"the database URL {shown!r} lists more than one host; only PostgreSQL URLs "
+            "may (host1:port1,host2:port2, for failover): give one host"
+        )
+    return url
 
 
 def _port_error(port: object, shown_url: str) -> ConfigurationError:

@@ -1,7 +1,9 @@
 """What sessionforge does differently on PostgreSQL.
 
-Connection arguments per driver (``application_name``, the PgBouncer settings), the
-isolation level asyncpg spells differently, transaction-local server settings
+Multi-host URLs (libpq's ``host1:port1,host2:port2`` and SQLAlchemy's ``?host=...``
+spellings, normalised to one form both drivers understand), connection arguments per
+driver (``application_name``, the PgBouncer settings), the isolation level asyncpg
+spells differently, transaction-local server settings
 (``set_config``, the server-side ``statement_timeout`` of ``begin(timeout=)``), and the
 reader's switch of the driver's own ``autocommit`` flag.
 """
@@ -24,11 +26,15 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = [
+    "DEFAULT_PORT",
     "READONLY_OPTIONS",
+    "TARGET_SESSION_ATTRS",
     "check_settings",
     "connect_args",
     "driver_isolation_level",
     "install_reader_autocommit_reset",
+    "listed_hosts",
+    "normalise_hosts",
     "reader_begin_listener",
     "reader_flips_autocommit",
     "settings_statement",
@@ -86,6 +92,136 @@ def connect_args(
 
 def _unique_statement_name() -> str:
     return f"__sessionforge_{uuid.uuid4().hex}__"
+
+
+# --- multi-host URLs ------------------------------------------------------------------
+
+#: The port a host without one gets.
+DEFAULT_PORT: Final = 5432
+#: ``target_session_attrs`` values both asyncpg (0.30+) and libpq (14+) accept.
+TARGET_SESSION_ATTRS: Final = (
+    "any",
+    "read-write",
+    "read-only",
+    "primary",
+    "standby",
+    "prefer-standby",
+)
+_MAX_PORT: Final = 65535
+_LIST_FORM: Final = "postgresql://user@host1:5432,host2:5432/database"
+
+
+def normalise_hosts(url: URL, listed: str | None, shown: str) -> URL:
+    """``url`` with its hosts in the one form both twins' drivers understand.
+
+    ``listed`` is libpq's comma list (``db1:5432,db2``) taken out of the URL's host part,
+    which SQLAlchemy cannot parse; ``?host=db1:5432&host=db2:5432`` and
+    ``?host=db1,db2&port=5432,5432`` arrive in ``url.query``. Two or more hosts become
+    ``?host=h1:p1&host=h2:p2`` with every port written out: SQLAlchemy's asyncpg dialect
+    turns that into asyncpg's host and port lists (and refuses a host without a port),
+    its psycopg dialect into libpq's ``host=h1,h2 port=p1,p2``. A URL with one host is
+    returned as it is. ``shown`` is the masked URL for messages.
+    """
+    _check_target_session_attrs(url, shown)
+    specs = _host_specs(url, listed, shown)
+    if specs is None:
+        return url
+    hosts = tuple(_host_and_port(spec, index, shown) for index, spec in enumerate(specs, 1))
+    return (
+        url.set(host=None, port=None)
+        .difference_update_query(("host", "port"))
+        .update_query_dict({"host": tuple(f"{host}:{port}" for host, port in hosts)})
+    )
+
+
+def listed_hosts(url: URL) -> str | None:
+    """``db1:5432,db2:5432`` for a URL ``normalise_hosts`` gave more than one host."""
+    values = url.query.get("host")
+    if url.host is None and isinstance(values, tuple) and len(values) > 1:
+        return ",".join(values)
+    return None
+
+
+def _host_specs(url: URL, listed: str | None, shown: str) -> list[str] | None:
+    hosts, ports = url.query.get("host"), url.query.get("port")
+    if listed is None and url.host is not None and "," in url.host:
+        # A URL object made from the comma form without ports ("db1,db2"); a port
+        # after the list belongs to the last host, as in libpq.
+        listed = url.host if url.port is None else f"{url.host}:{url.port}"
+    if listed is not None:
+        if hosts is not None or ports is not None:
+            raise ConfigurationError(
+                f"the database URL {shown!r} lists hosts both before the path and in "
+                f"host=/port= query parameters; write them once, as {_LIST_FORM}"
+            )
+        return listed.split(",")
+    tokens = _split(hosts)
+    if len(tokens) < 2:
+        return None  # one host: left to SQLAlchemy as before
+    if url.host is not None:
+        raise ConfigurationError(
+            f"the database URL {shown!r} has a host before the path and more in host= "
+            f"query parameters; list every host in one place, as {_LIST_FORM}"
+        )
+    if ports is None:
+        return tokens
+    port_tokens = _split(ports)
+    if any(":" in token for token in tokens):
+        raise ConfigurationError(
+            f"the database URL {shown!r} gives ports both in host= and in port=; write "
+            "host=host1:5432&host=host2:5432"
+        )
+    if len(port_tokens) != len(tokens):
+        raise ConfigurationError(
+            f"the database URL {shown!r} has {len(tokens)} hosts and {len(port_tokens)} "
+            "ports in host= and port=; give one port per host, or write "
+            "host=host1:5432&host=host2:5432"
+        )
+    return [
+        f"{host}:{port}" if port else host for host, port in zip(tokens, port_tokens, strict=True)
+    ]
+
+
+def _split(values: str | tuple[str, ...] | None) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return values.split(",")
+    return [part for value in values for part in value.split(",")]
+
+
+def _host_and_port(spec: str, index: int, shown: str) -> tuple[str, int]:
+    where = f"host {index} ({spec!r}) of the database URL {shown!r}"
+    if spec.startswith("[") or spec.count(":") > 1:
+        # SQLAlchemy splits each host=host:port at every ":".
+        raise ConfigurationError(
+            f"{where} is an IPv6 address, which a multi-host URL cannot carry; use a host "
+            "name for it"
+        )
+    host, colon, port = spec.partition(":")
+    if not host:
+        raise ConfigurationError(
+            f"{where} has no host name; list hosts as {_LIST_FORM} (a port may be left out "
+            f"for {DEFAULT_PORT})"
+        )
+    if not colon:
+        return host, DEFAULT_PORT
+    if not (port.isascii() and port.isdigit() and 0 < int(port) <= _MAX_PORT):
+        raise ConfigurationError(
+            f"{where} has the port {port!r}, which is not a number from 1 to {_MAX_PORT}; "
+            f"write host:port with a numeric port, or leave ':port' out for {DEFAULT_PORT}"
+        )
+    return host, int(port)
+
+
+def _check_target_session_attrs(url: URL, shown: str) -> None:
+    value = url.query.get("target_session_attrs")
+    if value is not None and value not in TARGET_SESSION_ATTRS:
+        raise ConfigurationError(
+            f"target_session_attrs={value!r} in the database URL {shown!r} is not one of "
+            f"{', '.join(TARGET_SESSION_ATTRS)}; use read-write to reach the primary of a "
+            "multi-host URL"
+        )
 
 
 # --- the reader's autocommit ----------------------------------------------------------
