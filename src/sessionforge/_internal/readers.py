@@ -3,7 +3,8 @@
 A reader's session class is a subclass of the factory's own (so it inherits the
 factory's listeners, hooks, counters and guard) with two listeners more: ORM changes
 are refused at flush and Core ``insert``/``update``/``delete`` at execute. The engine
-side (an AUTOCOMMIT option engine, or SQLite's deferred BEGIN) is the dialect's.
+side (autocommit, SQLite's skipped BEGIN, a READ ONLY transaction behind PgBouncer) is the
+dialect's.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ _AS = TypeVar("_AS", bound=AsyncSession)
 _READER: Final = "_sessionforge_reader_classes"
 
 _WRITE_REFUSED: Final = (
-    "a reader session (db.reader()) runs each statement on its own in AUTOCOMMIT mode and "
-    "does not write; {what} — write in db.begin() (or db.atomic()) instead"
+    "a reader session (db.reader()) runs each statement on its own in AUTOCOMMIT mode (a "
+    "READ ONLY transaction behind PgBouncer) and does not write; {what} — write in "
+    "db.begin() (or db.atomic()) instead"
 )
 
 

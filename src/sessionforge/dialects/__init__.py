@@ -274,7 +274,8 @@ def reader_execution_options(url: URL) -> dict[str, Any]:
     """Execution options of a reader session: no transaction around its statements.
 
     SQLite skips its BEGIN (``sqlite.READER_OPTIONS``); asyncpg and psycopg switch the
-    driver's own ``autocommit`` flag (``postgresql.reader_begin_listener``); other
+    driver's own ``autocommit`` flag (``postgresql.reader_begin_listener``; behind
+    PgBouncer an asyncpg reader runs in a READ ONLY transaction instead); other
     backends use SQLAlchemy's AUTOCOMMIT isolation level on an option engine.
     """
     if is_sqlite(url):

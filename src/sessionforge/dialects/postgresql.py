@@ -5,7 +5,8 @@ spellings, normalised to one form both drivers understand), connection arguments
 driver (``application_name``, the PgBouncer settings), the isolation level asyncpg
 spells differently, transaction-local server settings
 (``set_config``, the server-side ``statement_timeout`` of ``begin(timeout=)``), and the
-reader's switch of the driver's own ``autocommit`` flag.
+reader's switch of the driver's own ``autocommit`` flag (a ``READ ONLY`` transaction
+instead behind PgBouncer on asyncpg).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ _DRIVER_LEVELS: Final[Mapping[str, Mapping[str, str]]] = {
 _LIBPQ_LIKE: Final = ("psycopg", "psycopg_async", "psycopg2", "psycopg2cffi", "pg8000")
 _READER_AUTOCOMMIT_DRIVERS: Final = ("asyncpg", "psycopg", "psycopg_async")
 _READER_AUTOCOMMIT: Final = "sessionforge_reader_autocommit"
+_READER_READ_ONLY: Final = "sessionforge_reader_read_only"
+_BEHIND_POOLER: Final = "sessionforge_behind_pooler"
 _SETTING_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
 
@@ -79,9 +82,14 @@ def connect_args(
             # PgBouncer in transaction mode hands each transaction to any server
             # connection, so a named prepared statement may not exist there
             # (SQLAlchemy #6467, asyncpg #1058): no caches, unique statement names.
+            # The names come from a _PooledStatementNames (the user's function, if
+            # given, inside it): its type tells the reader's listener the connection
+            # is behind a pooler (_note_pooled_connection).
             given.setdefault("statement_cache_size", 0)
             given.setdefault("prepared_statement_cache_size", 0)
-            given.setdefault("prepared_statement_name_func", _unique_statement_name)
+            names = given.get("prepared_statement_name_func", _unique_statement_name)
+            if not isinstance(names, _PooledStatementNames):
+                given["prepared_statement_name_func"] = _PooledStatementNames(names)
     elif driver in _LIBPQ_LIKE:
         if application_name is not None:
             given.setdefault("application_name", application_name)
@@ -92,6 +100,18 @@ def connect_args(
 
 def _unique_statement_name() -> str:
     return f"__sessionforge_{uuid.uuid4().hex}__"
+
+
+class _PooledStatementNames:
+    """asyncpg's ``prepared_statement_name_func`` under ``pgbouncer=True``."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self, names: Callable[[], str]) -> None:
+        self._names = names
+
+    def __call__(self) -> str:
+        return self._names()
 
 
 # --- multi-host URLs ------------------------------------------------------------------
@@ -246,13 +266,46 @@ def reader_begin_listener(url: URL) -> Callable[[Session, Any, Connection], None
     yet and the DBAPI ``autocommit`` attribute (asyncpg's adapter emulates it, psycopg
     has it) can be switched; the pool's checkin switches it back
     (``install_reader_autocommit_reset``).
+
+    Behind PgBouncer (``pgbouncer=True``) an asyncpg reader runs in a short ``READ
+    ONLY`` transaction instead (SQLAlchemy #12836). SQLAlchemy's asyncpg adapter
+    prepares every statement in one round trip (Parse/Describe/Sync) and runs it in a
+    second (Bind/Execute/Sync); in transaction mode PgBouncer may hand the second to
+    another server connection when no transaction holds the first, which has no such
+    statement ("prepared statement ... does not exist"). A transaction keeps both on
+    one server connection, for the cost of its BEGIN and the ROLLBACK at return. psycopg
+    with ``prepare_threshold=None`` sends each statement in one round trip, unnamed, so
+    its readers stay in autocommit.
     """
     return _autocommit_reader_connection if reader_flips_autocommit(url) else None
 
 
 def install_reader_autocommit_reset(engine: Engine) -> None:
-    """Switch a reader's connection back out of autocommit when it returns to the pool."""
-    event.listen(engine, "checkin", _end_reader_autocommit)
+    """Switch a reader's connection back out of autocommit when it returns to the pool.
+
+    On asyncpg it also notes which connections were made with the ``pgbouncer=True``
+    preset, whose readers run in a ``READ ONLY`` transaction (``reader_begin_listener``),
+    and switches those back out of read-only at checkin.
+    """
+
+    def end_reader(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        if record.info.pop(_READER_AUTOCOMMIT, False):
+            dbapi_connection.autocommit = False
+        if record.info.pop(_READER_READ_ONLY, False):
+            dbapi_connection.readonly = False
+
+    event.listen(engine, "checkin", end_reader)
+    if engine.dialect.driver == "asyncpg":
+        event.listen(engine, "do_connect", _note_pooled_connection)
+
+
+def _note_pooled_connection(
+    _dialect: Any, record: ConnectionPoolEntry, _cargs: Any, cparams: dict[str, Any]
+) -> None:
+    # The record's info is cleared when its connection is closed or invalidated, and
+    # do_connect runs for each new one.
+    if isinstance(cparams.get("prepared_statement_name_func"), _PooledStatementNames):
+        record.info[_BEHIND_POOLER] = True
 
 
 def _autocommit_reader_connection(
@@ -261,16 +314,17 @@ def _autocommit_reader_connection(
     if not isinstance(session.bind, Engine):
         return  # bound to a connection of its own (a test's isolated one): leave it be
     proxied = connection.connection
+    if proxied.info.get(_BEHIND_POOLER):
+        # A READ ONLY transaction, not autocommit (see reader_begin_listener): the
+        # adapter's flag its lazy BEGIN reads, as the dialect's set_readonly() sets it.
+        proxied.dbapi_connection.readonly = True  # type: ignore[union-attr]
+        proxied.info[_READER_READ_ONLY] = True
+        return
     try:
         proxied.dbapi_connection.autocommit = True  # type: ignore[union-attr]
     except Exception:  # the driver cannot switch now: the reader runs in a transaction
         return
     proxied.info[_READER_AUTOCOMMIT] = True
-
-
-def _end_reader_autocommit(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-    if record.info.pop(_READER_AUTOCOMMIT, False):
-        dbapi_connection.autocommit = False
 
 
 # --- transaction-local settings -------------------------------------------------------
