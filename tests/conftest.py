@@ -154,3 +154,13 @@ def outside(db: SessionFactory[Any]) -> Iterator[Engine]:
 def count_rows(engine: Engine, table: str) -> int:
     with engine.connect() as connection:
         return int(connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+@pytest.fixture(scope="session")
+def password_server() -> Iterator[Any]:
+    """A private PostgreSQL that asks for ``pgcluster.LOGIN``'s password (the shared
+    server trusts every connection), one for the whole run."""
+    from .pgcluster import LOGIN, private_postgres  # (pgcluster imports this module)
+
+    with private_postgres(login=LOGIN) as server:
+        yield server

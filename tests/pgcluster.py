@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote, quote_plus
 
 import pytest
 from sqlalchemy.engine import URL
@@ -46,7 +47,10 @@ from sqlalchemy.engine import URL
 from .conftest import IN_CI
 
 __all__ = [
+    "LOGIN",
     "PG_BIN",
+    "POSTGRES_DRIVERS",
+    "WRONG_PASSWORD",
     "Login",
     "PostgresServer",
     "Replicated",
@@ -54,6 +58,7 @@ __all__ = [
     "missing_binaries",
     "private_postgres",
     "replicated_postgres",
+    "spellings",
 ]
 
 PG_BIN: Final = Path(os.environ.get("SESSIONFORGE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -107,6 +112,24 @@ class Login:
 
     user: str
     password: str
+
+
+#: The role of password-checking servers (``password_server`` in conftest.py) and a
+#: wrong password; both need percent-encoding in a URL, to test the masking of each form.
+LOGIN: Final = Login("app", "p@ss:w/rd%")
+WRONG_PASSWORD: Final = "s3cret-wrong:p@ss/w%rd"
+
+#: Both PostgreSQL drivers: asyncpg's refusals carry a SQLSTATE, psycopg's only libpq's
+#: text at connect.
+POSTGRES_DRIVERS: Final = [
+    pytest.param("postgresql+asyncpg", id="asyncpg"),
+    pytest.param("postgresql+psycopg", id="psycopg"),
+]
+
+
+def spellings(password: str) -> set[str]:
+    """``password`` as it is typed, and as a URL may percent-encode it."""
+    return {password, quote(password, safe=""), quote_plus(password)}
 
 
 def missing_binaries(*, login: bool = False, replication: bool = False) -> str | None:

@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -29,15 +29,13 @@ from sessionforge.cli.demo import DemoResult, ProgressLine, format_demo, run_dem
 from sessionforge.cli.workload import DemoProgress, DemoSettings, build_models
 from sessionforge.errors import DatabaseUnavailableError
 
-from .pgcluster import Login, PostgresServer, private_postgres
+from .pgcluster import LOGIN, POSTGRES_DRIVERS, WRONG_PASSWORD, PostgresServer, spellings
 
 SECRET = "s3cret"
 UNREACHABLE = f"postgresql://u:{SECRET}@127.0.0.1:1/x"
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 #: The role of the private server that checks passwords; both passwords need
 #: percent-encoding in a URL.
-LOGIN = Login("app", "p@ss:w/rd%")
-WRONG_PASSWORD = f"{SECRET}:p@ss/w%rd"
 
 
 # helpers -----------------------------------------------------------------------------
@@ -73,11 +71,6 @@ def assert_one_line_error(err: str, command: str) -> str:
     assert lines[0].startswith(f"sessionforge {command}: "), err
     assert "Traceback" not in err
     return lines[0]
-
-
-def spellings(password: str) -> set[str]:
-    """``password`` as it is typed, and as a URL may percent-encode it."""
-    return {password, quote(password, safe=""), quote_plus(password)}
 
 
 def sqlite_url(path: Path) -> str:
@@ -598,12 +591,6 @@ def _render(url: URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
-POSTGRES_DRIVERS = [
-    pytest.param("postgresql+asyncpg", id="asyncpg"),  # matched on the SQLSTATE
-    pytest.param("postgresql+psycopg", id="psycopg"),  # no SQLSTATE at connect: the message
-]
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("driver", POSTGRES_DRIVERS)
 def test_check_names_a_missing_database(
@@ -630,13 +617,6 @@ def test_check_names_a_missing_role(
     line = assert_one_line_error(capsys.readouterr().err, "check")
     assert f'answered, but role "{role}" does not exist: create it (CREATE ROLE' in line
     assert "check that the server is up" not in line
-
-
-@pytest.fixture(scope="module")
-def password_server() -> Iterator[PostgresServer]:
-    """A private server that asks for ``LOGIN``'s password (the shared one trusts all)."""
-    with private_postgres(login=LOGIN) as server:
-        yield server
 
 
 @pytest.mark.postgres

@@ -13,10 +13,8 @@ import sqlite3
 import threading
 import traceback
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, quote_plus
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -25,18 +23,11 @@ from sessionforge import DatabaseUnavailableError, SessionFactory
 from sessionforge._internal.diagnosis import diagnose, explain
 from sessionforge.cli import main
 
-from .pgcluster import Login, PostgresServer, private_postgres
+from .pgcluster import POSTGRES_DRIVERS, WRONG_PASSWORD, PostgresServer, spellings
 
 SECRET = "s3cr3t-marker"
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
-POSTGRES_DRIVERS = [
-    pytest.param("postgresql+asyncpg", id="asyncpg"),  # refusals carry a SQLSTATE
-    pytest.param("postgresql+psycopg", id="psycopg"),  # libpq's text only, at connect
-]
 NETWORK_ADVICE = "check that the server is up, the host and port, and any firewall in between"
-#: The private server's role; both passwords need percent-encoding in a URL.
-LOGIN = Login("app", "p@ss:w/rd%")
-WRONG_PASSWORD = f"{SECRET}:p@ss/w%rd"
 
 
 async def ping_error(url: str | URL, twin: str) -> DatabaseUnavailableError:
@@ -55,11 +46,6 @@ async def ping_error(url: str | URL, twin: str) -> DatabaseUnavailableError:
 
 def _render(url: URL) -> str:
     return url.render_as_string(hide_password=False)
-
-
-def spellings(password: str) -> set[str]:
-    """``password`` as it is typed, and as a URL may percent-encode it."""
-    return {password, quote(password, safe=""), quote_plus(password)}
 
 
 def with_password(pg_url: str, driver: str, database: str) -> URL:
@@ -164,12 +150,6 @@ async def test_lifespan_with_ping_names_a_missing_database(pg_url: str) -> None:
 
 
 # PostgreSQL: a server that checks passwords ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def password_server() -> Iterator[PostgresServer]:
-    with private_postgres(login=LOGIN) as server:
-        yield server
 
 
 @pytest.mark.postgres
