@@ -23,19 +23,20 @@ SQLite cannot open a file looks at whether its directory exists.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
-from urllib.parse import quote, quote_plus, unquote, urlsplit
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from sessionforge import dialects
 from sessionforge.config import mask_url
+from sessionforge.dialects.sqlite import sqlite_unopenable
 from sessionforge.errors import ConfigurationError, DatabaseUnavailableError
+
+from .options import finite_seconds
 
 __all__ = [
     "check_ping_timeout",
@@ -43,8 +44,6 @@ __all__ = [
     "explain",
     "scrub",
     "sqlite_cannot_open",
-    "sqlite_path",
-    "sqlite_unopenable",
     "unavailable",
 ]
 
@@ -141,33 +140,10 @@ def diagnose(url: URL, exc: BaseException) -> str | None:
     return None
 
 
-def sqlite_path(url: URL) -> Path | None:
-    """The file a SQLite URL opens (relative to the working directory, as SQLite does).
-
-    ``None`` for other databases and for in-memory SQLite.
-    """
-    if not dialects.is_sqlite(url) or dialects.is_memory_sqlite(url) or not url.database:
-        return None
-    database = url.database
-    if database.startswith("file:"):  # a SQLite URI filename (uri=true)
-        database = unquote(urlsplit(database).path)
-    return Path(database)
-
-
 def sqlite_cannot_open(url: URL) -> str:
     """The message for SQLite's "unable to open database file" on ``url``."""
     why = sqlite_unopenable(url) or "check the path, and that its directory is writable"
     return f"cannot open the SQLite database {mask_url(url)}: {why}"
-
-
-def sqlite_unopenable(url: URL) -> str | None:
-    """Why SQLite cannot open the file of ``url``, when the path alone shows it."""
-    path = sqlite_path(url)
-    if path is not None and not path.parent.is_dir():
-        return f"the directory {path.parent} does not exist; create it, or fix the path in the URL"
-    if path is not None and path.is_dir():
-        return f"{path} is a directory; the URL must name a file"
-    return None
 
 
 def _original(exc: BaseException) -> BaseException:
@@ -188,12 +164,8 @@ def scrub(text: str, url: URL) -> str:
 
 def check_ping_timeout(timeout: object) -> None:
     """``ping(timeout=)``: a finite number of seconds > 0, or ``ConfigurationError``."""
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
+    seconds = finite_seconds(timeout)
+    if seconds is None or seconds <= 0:
         raise ConfigurationError(
             f"ping(timeout={timeout!r}) is invalid: expected a finite number of seconds > 0"
         )

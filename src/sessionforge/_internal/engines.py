@@ -32,7 +32,7 @@ from sessionforge.dialects import postgresql, sqlite
 from sessionforge.errors import ConfigurationError
 
 from . import sqla as _sqla
-from .diagnosis import scrub, sqlite_unopenable
+from .diagnosis import scrub
 from .urls import mask_url
 
 __all__ = [
@@ -162,7 +162,7 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
             engine, reset_on_return="pool_reset_on_return" not in config.engine_options
         )
         if url.get_driver_name() == "aiosqlite":
-            sqlite.refuse_unopenable_files(engine, sqlite_unopenable)
+            sqlite.refuse_unopenable_files(engine)
 
 
 def _prepare(engine: Engine, config: FactoryConfig) -> None:

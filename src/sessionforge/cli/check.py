@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sessionforge._internal.diagnosis import sqlite_cannot_open, sqlite_path, sqlite_unopenable
+from sessionforge._internal.diagnosis import sqlite_cannot_open
 from sessionforge._internal.engines import EngineStatus, describe_presets, engine_status
 from sessionforge.config import FactoryConfig, mask_url
+from sessionforge.dialects.sqlite import sqlite_path, sqlite_unopenable
 from sessionforge.errors import DatabaseUnavailableError
 from sessionforge.factory import SessionFactory
 

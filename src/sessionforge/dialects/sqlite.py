@@ -19,8 +19,10 @@ import asyncio
 import math
 import sqlite3
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
@@ -47,6 +49,8 @@ __all__ = [
     "is_sqlite",
     "normalise_memory_sqlite",
     "refuse_unopenable_files",
+    "sqlite_path",
+    "sqlite_unopenable",
 ]
 
 JOURNAL_MODES: Final = frozenset({"WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY", "OFF"})
@@ -324,19 +328,42 @@ def _in_transaction(dbapi_connection: Any) -> bool:
     return bool(flag)
 
 
-def refuse_unopenable_files(engine: Engine, why_unopenable: Callable[[URL], str | None]) -> None:
-    """Fail a connect to a file ``why_unopenable`` says cannot be opened, before any thread.
+def sqlite_path(url: URL) -> Path | None:
+    """The file a SQLite URL opens (relative to the working directory, as SQLite does).
+
+    ``None`` for other databases and for in-memory SQLite.
+    """
+    if not is_sqlite(url) or is_memory_sqlite(url) or not url.database:
+        return None
+    database = url.database
+    if database.startswith("file:"):  # a SQLite URI filename (uri=true)
+        database = unquote(urlsplit(database).path)
+    return Path(database)
+
+
+def sqlite_unopenable(url: URL) -> str | None:
+    """Why SQLite cannot open the file of ``url``, when the path alone shows it."""
+    path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        return f"the directory {path.parent} does not exist; create it, or fix the path in the URL"
+    if path is not None and path.is_dir():
+        return f"{path} is a directory; the URL must name a file"
+    return None
+
+
+def refuse_unopenable_files(engine: Engine) -> None:
+    """Fail a connect to a file SQLite cannot open (``sqlite_unopenable``), before any thread.
 
     aiosqlite 0.22.1 starts a thread per connection and, when sqlite3 cannot open the
     file, stops it without waiting: the thread later posts its result to the event
     loop, which may be closed by then ("Event loop is closed" in a thread). The common
-    causes (no such directory, a directory given) are told from the path alone
-    (``_internal/diagnosis.py``), so they fail here, as sqlite3 itself would fail.
+    causes (no such directory, a directory given) are told from the path alone, so they
+    fail here, as sqlite3 itself would fail.
     """
     url = engine.url
 
     def on_connect(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
-        if why_unopenable(url) is not None:
+        if sqlite_unopenable(url) is not None:
             raise sqlite3.OperationalError("unable to open database file")
 
     event.listen(engine, "do_connect", on_connect)
