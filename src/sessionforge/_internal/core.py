@@ -24,7 +24,6 @@ from .context import CurrentSession
 from .diagnosis import check_ping_timeout, unavailable
 from .engines import (
     build_async_engine,
-    check_driver,
 )
 from .loops import LoopEngines
 from .options import check_session_argument, session_argument_names
@@ -39,6 +38,7 @@ from .targets import (
     Twin,
     bind_name,
     check_binds,
+    check_twin_driver,
     resolve_binds,
     resolve_target,
 )
@@ -76,20 +76,14 @@ class FactoryCore(Binding, Generic[_AS]):
     def __init__(self, resolved: Resolved, *, twin: Twin) -> None:
         config = resolved.config
         if config.url is not None and resolved.engine is None and resolved.connection is None:
-            if twin == "async":  # a driver that is missing or of the wrong kind fails now
-                check_driver(config.async_url, is_async=True)
-            else:
-                check_driver(config.sync_url, is_async=False)
+            check_twin_driver(config, twin)  # a driver missing or of the wrong kind fails now
         self.config = config
         self.stats = FactoryStats()
         async_class, self.sync_class = make_session_classes(
             config.class_, config.sync_class_, self.stats
         )
         self.async_class = cast("type[_AS]", async_class)
-        # The classes given, not ours: SyncHookMethods.__init__ takes (*args, **kwargs).
-        self.session_arguments = session_argument_names(
-            config.class_, config.sync_class_ or config.class_.sync_session_class
-        )
+        self.session_arguments = session_argument_names(self.async_class, self.sync_class)
         self.owns_async_engine = True
         self.owns_sync_engine = True
         self._user_async_engine: AsyncEngine | None = None

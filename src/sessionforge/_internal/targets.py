@@ -42,6 +42,7 @@ __all__ = [
     "bind_name",
     "check_binds",
     "check_target_twin",
+    "check_twin_driver",
     "database_target",
     "refuse_engine_options",
     "resolve_binds",
@@ -114,15 +115,21 @@ def resolve_target(target: object, options: dict[str, Any], twin: Twin) -> Resol
 def database_target(
     target: AsyncEngine | Engine | AsyncConnection | Connection, config: FactoryConfig
 ) -> Resolved:
+    """``config`` on a user's engine or connection, its URL taken as given (unnormalised)."""
+    engine = target.engine if isinstance(target, AsyncConnection | Connection) else target
+    if config.url is not engine.url:
+        config = replace(config, url=engine.url)
     if isinstance(target, AsyncConnection | Connection):
-        url = target.engine.url
-        return Resolved(dataclasses_replace(config, url), connection=target)
-    return Resolved(dataclasses_replace(config, target.url), engine=target)
+        return Resolved(config, connection=target)
+    return Resolved(config, engine=target)
 
 
-def dataclasses_replace(config: FactoryConfig, url: URL) -> FactoryConfig:
-    """``config`` with ``url`` taken as given (a user's engine's URL is not normalised)."""
-    return config if config.url is url else replace(config, url=url)
+def check_twin_driver(config: FactoryConfig, twin: Twin) -> None:
+    """The driver ``twin`` would use for ``config``'s URL is installed and of its kind."""
+    if twin == "async":
+        check_driver(config.async_url, is_async=True)
+    else:
+        check_driver(config.sync_url, is_async=False)
 
 
 def check_target_twin(target: object, twin: Twin, where: str, *, bind: bool = False) -> None:
@@ -238,10 +245,7 @@ def resolve_rebind(target: object, twin: Twin, config: FactoryConfig) -> Resolve
     """``configure(bind=target)``: ``config`` bound to a URL, an engine or a connection."""
     if isinstance(target, str | URL):
         config = config.replace(url=target)
-        if twin == "async":
-            check_driver(config.async_url, is_async=True)
-        else:
-            check_driver(config.sync_url, is_async=False)
+        check_twin_driver(config, twin)
         return Resolved(config)
     if isinstance(target, AsyncEngine | Engine | AsyncConnection | Connection):
         check_target_twin(target, twin, "configure(bind=...)")
