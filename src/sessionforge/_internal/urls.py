@@ -19,7 +19,6 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from sessionforge import dialects
-from sessionforge.dialects import postgresql
 from sessionforge.errors import ConfigurationError
 
 __all__ = ["SECRET_KEY", "mask_mapping", "mask_url", "parse_url"]
@@ -44,7 +43,7 @@ def mask_url(url: URL | str) -> str:
         secret = {key: "***" for key in url.query if SECRET_KEY.search(key)}
         if secret:
             url = url.update_query_dict(secret)
-        hosts = postgresql.listed_hosts(url) if url.get_backend_name() == "postgresql" else None
+        hosts = dialects.listed_hosts(url)
         try:
             if hosts is None:
                 return url.render_as_string(hide_password=True)
@@ -167,17 +166,10 @@ def _take_host_list(raw: str) -> tuple[str, str | None]:
 
 
 def _normalise_hosts(url: URL, listed: str | None, shown: str) -> URL:
-    if url.get_backend_name() == "postgresql":
-        normalised = postgresql.normalise_hosts(url, listed, shown)
-        if normalised is not url:
-            _check_url_parts(normalised)  # the listed hosts were not checked yet
-        return normalised
-    if listed is not None or "," in (url.host or ""):
-        raise ConfigurationError(
-            f"the database URL {shown!r} lists more than one host; only PostgreSQL URLs "
-            "may (host1:port1,host2:port2, for failover): give one host"
-        )
-    return url
+    normalised = dialects.normalise_hosts(url, listed, shown)
+    if normalised is not url:
+        _check_url_parts(normalised)  # the listed hosts were not checked yet
+    return normalised
 
 
 def _port_error(port: object, shown_url: str) -> ConfigurationError:

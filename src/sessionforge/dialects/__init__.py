@@ -58,7 +58,9 @@ __all__ = [
     "is_statement_timeout",
     "isolation_levels",
     "known_drivers",
+    "listed_hosts",
     "needs_liveness_check",
+    "normalise_hosts",
     "normalise_memory_sqlite",
     "reader_begin_listener",
     "reader_execution_options",
@@ -231,6 +233,26 @@ def check_url(url: URL) -> None:
     """Refuse what ``url``'s dialect would refuse (or ignore) when the engine is built."""
     if is_sqlite(url):
         sqlite.check_url(url)
+
+
+def listed_hosts(url: URL) -> str | None:
+    """The hosts of a URL that names several (PostgreSQL's failover list), else ``None``."""
+    return postgresql.listed_hosts(url) if url.get_backend_name() == "postgresql" else None
+
+
+def normalise_hosts(url: URL, listed: str | None, shown: str) -> URL:
+    """``url`` with the host list ``listed`` (libpq's comma form) in its dialect's form.
+
+    Only PostgreSQL URLs may name several hosts; ``shown`` is the masked URL for errors.
+    """
+    if url.get_backend_name() == "postgresql":
+        return postgresql.normalise_hosts(url, listed, shown)
+    if listed is not None or "," in (url.host or ""):
+        raise ConfigurationError(
+            f"the database URL {shown!r} lists more than one host; only PostgreSQL URLs "
+            "may (host1:port1,host2:port2, for failover): give one host"
+        )
+    return url
 
 
 def needs_liveness_check(url: URL) -> bool:
