@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal, TypedDict, Unpack
 
 from sqlalchemy.engine import URL
@@ -47,6 +47,7 @@ from ._internal.options import check_optional_bool as _optional_bool
 from ._internal.options import check_optional_mapping as _optional_mapping
 from ._internal.options import check_optional_str as _optional_str
 from ._internal.options import check_seconds as _seconds
+from ._internal.options import check_urls as _urls
 from ._internal.urls import mask_mapping, parse_url
 from ._internal.urls import mask_url as mask_url
 from .dialects import sqlite
@@ -82,6 +83,11 @@ class _CommonOptions(TypedDict, total=False):
     sqlite_foreign_keys: bool | None
     sqlite_begin: Literal["immediate", "deferred"]
     track_session_origin: bool
+    replicas: Sequence[str | URL]
+    read_your_writes: bool
+    replica_wait: float
+    replica_recheck: float
+    connect_timeout: float | None
 
 
 class FactoryOptions(_CommonOptions, total=False):
@@ -117,6 +123,9 @@ _PING_SECONDS: Final = _seconds(dialects.MAX_SECONDS, optional=True)
 _BUSY_SECONDS: Final = _seconds(dialects.MAX_SECONDS, optional=False)
 _JOURNAL_MODE: Final = _choice(sqlite.JOURNAL_MODES, optional=True, upper=True)
 _SYNCHRONOUS: Final = _choice(sqlite.SYNCHRONOUS_LEVELS, optional=True, upper=True)
+_WAIT_SECONDS: Final = _seconds(60.0, optional=False)
+_RECHECK_SECONDS: Final = _seconds(3600.0, optional=False)
+_CONNECT_SECONDS: Final = _seconds(dialects.MAX_SECONDS, optional=True)
 _BEGIN: Final = _choice(sqlite.BEGIN_MODES, optional=False, upper=False)
 _AS_GIVEN: Final = {"engine_argument": when_set}  # create_engine(name=value) unless None
 _IF_TRUE: Final = {"engine_argument": when_true}  # create_engine(name=True) when true
@@ -201,6 +210,22 @@ class FactoryConfig:
     sqlite_begin: Literal["immediate", "deferred"] = option(
         "preset", "immediate", _BEGIN, "BEGIN IMMEDIATE or BEGIN", dialect="sqlite"
     )
+    connect_timeout: float | None = option(
+        "preset", 5.0, _CONNECT_SECONDS, "connect args: seconds per attempt", dialect="postgresql"
+    )
+    # routing: read replicas (DESIGN.md §9)
+    replicas: tuple[URL, ...] = option(
+        "routing", (), _urls, "engines for reads", dialect="postgresql", with_user_engine=True
+    )
+    read_your_writes: bool = option(
+        "routing", True, _bool, "replica reads see the context's commits", dialect="postgresql"
+    )
+    replica_wait: float = option(
+        "routing", 0.05, _WAIT_SECONDS, "wait for a replica to catch up", dialect="postgresql"
+    )
+    replica_recheck: float = option(
+        "routing", 5.0, _RECHECK_SECONDS, "retry an unhealthy replica after", dialect="postgresql"
+    )
     # diagnostics
     track_session_origin: bool = option(
         "diagnostics", False, _bool, "where a leaked session was made", with_user_engine=True
@@ -221,6 +246,7 @@ class FactoryConfig:
                 "isolation_level",
                 dialects.check_isolation_level(self.url, self.isolation_level),
             )
+        self._check_replicas()
         self._check_engine_options()
         self._check_session_options()
         self._check_memory_pool()
@@ -333,9 +359,10 @@ class FactoryConfig:
         """Options that differ from the defaults, secrets masked, for reprs and logs."""
         shown: dict[str, Any] = {}
         for field in dataclasses.fields(self):
-            if field.name in ("url", "class_"):
+            name = field.name
+            if name in ("url", "class_"):
                 continue
-            value = getattr(self, field.name)
+            value = getattr(self, name)
             default = (
                 field.default_factory()
                 if field.default_factory is not dataclasses.MISSING
@@ -345,6 +372,8 @@ class FactoryConfig:
                 continue
             if isinstance(value, Mapping):
                 value = mask_mapping(value)
+            elif name == "replicas":
+                value = [mask_url(url) for url in value]
             elif isinstance(value, type):
                 value = value.__name__
             shown[field.name] = value
@@ -356,6 +385,26 @@ class FactoryConfig:
         return f"FactoryConfig(url={url!r}, class_={self.class_.__name__!r}{options})"
 
     # validation --------------------------------------------------------------------
+
+    def _check_replicas(self) -> None:
+        """Replicas are servers of the primary's cluster, reached with its driver."""
+        if not self.replicas or self.url is None:
+            return
+        backend = self.url.get_backend_name()
+        for replica in self.replicas:
+            if replica.get_backend_name() != backend:
+                raise ConfigurationError(
+                    f"replica {mask_url(replica)!r} is not a {dialects.display_name(backend)} "
+                    f"URL like the primary's ({mask_url(self.url)!r}); replicas are "
+                    "streaming standbys of the primary's cluster"
+                )
+            if replica.host is None and "host" not in replica.query:
+                raise ConfigurationError(
+                    f"replica {mask_url(replica)!r} names no host; give each replica's "
+                    "host (and port): 'postgresql://app@replica1:5432/app'"
+                )
+        same_driver = tuple(r.set(drivername=self.url.drivername) for r in self.replicas)
+        object.__setattr__(self, "replicas", same_driver)
 
     def _check_engine_options(self) -> None:
         for key in self.engine_options:

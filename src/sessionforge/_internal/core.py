@@ -218,7 +218,7 @@ class FactoryCore(Binding, Generic[_AS]):
         extra: dict[str, Any] = {}
         for name, value in options.items():
             declared = OPTIONS.get(name)
-            if declared is not None and declared.group in ("engine", "preset"):
+            if declared is not None and declared.group in ("engine", "preset", "routing"):
                 raise ConfigurationError(
                     f"configure() changes session options only; {name} shapes the engine, "
                     "so pass it when the factory is made"

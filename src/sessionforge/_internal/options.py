@@ -38,6 +38,7 @@ __all__ = [
     "Group",
     "Option",
     "check_names",
+    "check_urls",
     "check_session_argument",
     "declared_options",
     "finite_seconds",
@@ -53,7 +54,7 @@ _T = TypeVar("_T")
 #: The default of ``ping_after``, also quoted where ``pool_pre_ping`` is refused.
 DEFAULT_PING_AFTER: Final = 1.0
 
-Group = Literal["engine", "preset", "session", "diagnostics"]
+Group = Literal["engine", "preset", "routing", "session", "diagnostics"]
 #: ``check(name, value)`` returns the value to keep (normalised) or raises
 #: ``ConfigurationError``.
 Check = Callable[[str, Any], Any]
@@ -235,6 +236,17 @@ def check_choice(choices: frozenset[str], *, optional: bool, upper: bool) -> Che
         return value.upper() if upper else value.lower()
 
     return check
+
+
+def check_urls(name: str, value: Any) -> tuple[Any, ...]:
+    """A list of database URLs (strings or ``sqlalchemy.URL``), parsed, as a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        raise _ill_typed(name, value, "a list of URLs, e.g. ['postgresql://app@replica1/app']")
+    from .urls import parse_url  # (urls imports nothing of ours: no cycle)
+
+    return tuple(parse_url(url) for url in value)
 
 
 def safe_repr(value: object) -> str:
