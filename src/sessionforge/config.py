@@ -268,7 +268,8 @@ class FactoryConfig:
         for SQLite, say) is refused, unless it is left at its default.
         """
         check_option_names(options)
-        config = cls(url=parse_url(url), class_=class_, **options)
+        # replicas= may be any sequence of URLs: its check makes it the tuple the field holds
+        config = cls(url=parse_url(url), class_=class_, **options)  # type: ignore[arg-type]
         config._check_dialect_options(options)
         return config
 

@@ -143,7 +143,8 @@ class SessionFactory(TwinBase, Generic[_AS]):
         PostgreSQL settings (``set_config(name, value, true)``, values bound).
         """
         options = self._begin_options(isolation_level, readonly, timeout, settings, overrides)
-        return AsyncBeginContext(functools.partial(self._session, options, overrides), options)
+        make = functools.partial(self._session, options, overrides)
+        return AsyncBeginContext(make, options, self._core.replicas)
 
     def reader(self, **overrides: Any) -> _AS:
         """A session for reads only, on an AUTOCOMMIT connection from the same pool.
@@ -207,7 +208,8 @@ class SessionFactory(TwinBase, Generic[_AS]):
         while True:
             attempt += 1
             try:
-                context = AsyncBeginContext(functools.partial(self._session, options, {}), options)
+                make = functools.partial(self._session, options, {})
+                context = AsyncBeginContext(make, options, self._core.replicas)
                 async with context as session:
                     result = await fn(session, *args)
             except Exception as exc:
@@ -364,11 +366,11 @@ class SessionFactory(TwinBase, Generic[_AS]):
         An engine passed in by the user is left alone. The factory stays usable: the
         next session builds a fresh engine.
         """
-        async_engine, sync_engine = self._core.forget_engines()
-        if async_engine is not None:
-            await async_engine.dispose()
-        if sync_engine is not None:
-            await asyncio.to_thread(sync_engine.dispose)
+        for async_engine, sync_engine in self._core.forget_all_engines():
+            if async_engine is not None:
+                await async_engine.dispose()
+            if sync_engine is not None:
+                await asyncio.to_thread(sync_engine.dispose)
 
     async def __aenter__(self) -> Self:
         return self

@@ -328,9 +328,9 @@ class SyncSessionFactory(TwinBase, Generic[_S]):
         The async twin's engine needs its event loop: ``await db.dispose()`` closes
         both.
         """
-        _, sync_engine = self._core.forget_engines(sync_only=True)
-        if sync_engine is not None:
-            sync_engine.dispose()
+        for _, sync_engine in self._core.forget_all_engines(sync_only=True):
+            if sync_engine is not None:
+                sync_engine.dispose()
 
     def __enter__(self) -> Self:
         return self

@@ -25,6 +25,8 @@ from sessionforge import dialects
 from sessionforge.errors import TransactionTimeoutError
 
 from .cancellation import end_and_close, run_to_completion
+from .replicas import Replicas
+from .routing import carry_consistency
 from .transactions import TransactionOptions
 
 __all__ = ["AsyncBeginContext", "SyncBeginContext"]
@@ -40,13 +42,24 @@ class AsyncBeginContext(Generic[_AS]):
     entered leaves nothing behind (and is not counted as an open session).
     """
 
-    __slots__ = ("_deadline", "_make_session", "_options", "_session", "_transaction")
+    __slots__ = (
+        "_deadline",
+        "_make_session",
+        "_options",
+        "_replicas",
+        "_session",
+        "_transaction",
+    )
 
     def __init__(
-        self, make_session: Callable[[], _AS], options: TransactionOptions | None = None
+        self,
+        make_session: Callable[[], _AS],
+        options: TransactionOptions | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self._make_session = make_session
         self._options = options
+        self._replicas = replicas
         self._transaction: AsyncSessionTransaction | None = None
         self._deadline: asyncio.Timeout | None = None
 
@@ -95,6 +108,8 @@ class AsyncBeginContext(Generic[_AS]):
         else:
             end = functools.partial(self._transaction.__aexit__, exc_type, exc, tb)
         await end_and_close(self._session, end)
+        # The COMMIT ran in a task of its own: its position reaches the caller's context.
+        carry_consistency(self._session.sync_session, self._replicas)
         if timed_out:
             assert self._options is not None
             raise TransactionTimeoutError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -21,11 +21,15 @@ from sessionforge.errors import ConfigurationError
 
 from .engines import EngineStatus, build_sync_engine, engine_status
 from .loops import LoopEngines
+from .replicas import Replicas
+from .routing import install_write_tracking
 from .stats import FactoryStats, FactoryStatus
 from .targets import Resolved, Twin, resolve_rebind, wrong_twin_connection
 from .transactions import TransactionOptions
 
 __all__ = ["Binding", "IsolatedConnection"]
+
+_E = TypeVar("_E", AsyncEngine, Engine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,15 @@ class Binding:
     _sync_binds: dict[tuple[Engine, tuple[tuple[str, Any], ...]], Engine]
     _lock: threading.Lock
     _reader: Any
+    replicas: Replicas | None
+
+    def primary_engine(self, engine: _E) -> _E:
+        """Prepare an engine of the primary: with replicas, its writes are noted."""
+        if self.replicas is not None and self.replicas.read_your_writes:
+            install_write_tracking(
+                engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+            )
+        return engine
 
     # targets -----------------------------------------------------------------------
 
@@ -73,9 +86,9 @@ class Binding:
             self.connection = connection
             engine = connection.engine
         if isinstance(engine, AsyncEngine):
-            self._user_async_engine, self.owns_async_engine = engine, False
+            self._user_async_engine, self.owns_async_engine = self.primary_engine(engine), False
         elif isinstance(engine, Engine):
-            self._sync_engine, self.owns_sync_engine = engine, False
+            self._sync_engine, self.owns_sync_engine = self.primary_engine(engine), False
 
     def rebind(self, target: object, twin: Twin, config: FactoryConfig) -> None:
         """``configure(bind=target)``: a URL, an engine or a connection for later sessions.
@@ -124,7 +137,9 @@ class Binding:
             with self._lock:
                 engine = self._sync_engine
                 if engine is None:
-                    engine = self._sync_engine = build_sync_engine(self.config)
+                    engine = self._sync_engine = self.primary_engine(
+                        build_sync_engine(self.config)
+                    )
         return engine
 
     def async_bind(
@@ -201,6 +216,16 @@ class Binding:
                 self._sync_binds.clear()
         return async_engine, sync_engine
 
+    def forget_all_engines(
+        self, *, sync_only: bool = False
+    ) -> list[tuple[AsyncEngine | None, Engine | None]]:
+        """``forget_engines``, and the replicas' engines (async ones unless ``sync_only``)."""
+        found = [self.forget_engines(sync_only=sync_only)]
+        if self.replicas is not None:
+            for async_engine, sync_engine in self.replicas.forget_engines():
+                found.append((None if sync_only else async_engine, sync_engine))
+        return found
+
     def status(self, *, role: str) -> FactoryStatus:
         """Pool figures of every built engine; ``role`` ("async"/"sync") picks ``checked_out``."""
         engines: list[EngineStatus] = []
@@ -218,6 +243,7 @@ class Binding:
         else:
             checked_out = engines[-1].checked_out if self._sync_engine is not None else 0
         counters = self.stats.snapshot()
+        replicas = self.replicas
         return FactoryStatus(
             checked_out=checked_out,
             engines=tuple(engines),
@@ -225,6 +251,8 @@ class Binding:
             transactions_committed=counters.transactions_committed,
             transactions_rolled_back=counters.transactions_rolled_back,
             transactions_retried=counters.transactions_retried,
+            replicas=() if replicas is None else replicas.status(),
+            primary_fallbacks=0 if replicas is None else replicas.fallbacks,
         )
 
     def check_sync_twin(self) -> None:

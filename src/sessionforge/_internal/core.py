@@ -28,8 +28,11 @@ from .engines import (
 from .loops import LoopEngines
 from .options import check_session_argument, session_argument_names
 from .readers import reader_classes
+from .replicas import Replicas
+from .routing import Route
 from .session import make_session_classes
 from .sqla import async_proxy
+from .state import SessionState
 from .stats import FactoryStats, FactoryStatus, connected_engine, open_sessions, opened_session
 from .targets import (
     BindTarget,
@@ -79,15 +82,19 @@ class FactoryCore(Binding, Generic[_AS]):
             check_twin_driver(config, twin)  # a driver missing or of the wrong kind fails now
         self.config = config
         self.stats = FactoryStats()
+        #: The read replicas (``replicas=``), or ``None``.
+        self.replicas = Replicas(config) if config.replicas and config.url is not None else None
         async_class, self.sync_class = make_session_classes(
-            config.class_, config.sync_class_, self.stats
+            config.class_, config.sync_class_, self.stats, self.replicas
         )
         self.async_class = cast("type[_AS]", async_class)
         self.session_arguments = session_argument_names(self.async_class, self.sync_class)
         self.owns_async_engine = True
         self.owns_sync_engine = True
         self._user_async_engine: AsyncEngine | None = None
-        self._loop_engines = LoopEngines(lambda: build_async_engine(self.config))
+        self._loop_engines = LoopEngines(
+            lambda: self.primary_engine(build_async_engine(self.config))
+        )
         self._sync_engine: Engine | None = None
         #: The connection this factory's sessions join, when it was made on one.
         self.connection: AsyncConnection | Connection | None = None
@@ -126,8 +133,11 @@ class FactoryCore(Binding, Generic[_AS]):
         if bind is None and require_bind and not kwargs.get("binds"):
             self.config.bound_url  # noqa: B018 (raises the ConfigurationError)
         session = cls(bind=bind, **kwargs)
+        state: SessionState = session.sync_session._sessionforge_state  # type: ignore[attr-defined]
         if options is not None and not reader:
-            session.sync_session._sessionforge_state.options = options  # type: ignore[attr-defined]
+            state.options = options
+        if self.replicas is not None and (reader or _reads_only(options)):
+            self._route(state, "async", options, kwargs)
         opened_session(session.sync_session, self.config.track_session_origin)
         return session
 
@@ -146,10 +156,31 @@ class FactoryCore(Binding, Generic[_AS]):
         if bind is None and require_bind and not kwargs.get("binds"):
             self.config.bound_url  # noqa: B018 (raises the ConfigurationError)
         session = cls(bind=bind, **kwargs)
+        state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
         if options is not None and not reader:
-            session._sessionforge_state.options = options  # type: ignore[attr-defined]
+            state.options = options
+        if self.replicas is not None and (reader or _reads_only(options)):
+            self._route(state, "sync", options, kwargs)
         opened_session(session, self.config.track_session_origin)
         return session
+
+    def _route(
+        self,
+        state: SessionState,
+        twin: Twin,
+        options: TransactionOptions | None,
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        """Route a session that only reads to the replicas (DESIGN.md §9).
+
+        Not under ``isolated()`` (tests see their own writes on the test's connection),
+        nor on a factory made on a connection, nor when ``binds`` route classes.
+        """
+        if self.isolation is not None or self.connection is not None or kwargs.get("binds"):
+            return
+        assert self.replicas is not None
+        execution_options = None if options is None else dict(options.execution_options)
+        state.route = Route(self.replicas, twin, execution_options)
 
     def open_sessions(self, twin: Twin) -> list[Any]:
         """The open sessions of ``twin`` that ``close_all()`` closes here.
@@ -303,3 +334,14 @@ class FactoryCore(Binding, Generic[_AS]):
         options = "".join(f", {k}={v!r}" for k, v in shown.items())
         where = None if url is None else mask_url(url)
         return f"{name}(class_={class_.__name__!r}, url={where!r}{options})"
+
+
+def _reads_only(options: TransactionOptions | None) -> bool:
+    """Whether a ``begin()`` with ``options`` may run on a replica: read-only, and not
+    SERIALIZABLE (a hot standby refuses SERIALIZABLE transactions)."""
+    if options is None:
+        return False
+    given = options.execution_options
+    return (
+        bool(given.get("postgresql_readonly")) and given.get("isolation_level") != "SERIALIZABLE"
+    )

@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 from sessionforge import hooks
 from sessionforge.errors import ConcurrentSessionUseError, ConfigurationError, SessionClosedError
 
-from . import stats, transactions
+from . import routing, stats, transactions
 from .cancellation import end_and_close
+from .replicas import Replicas
 from .state import SessionState
 
 __all__ = [
@@ -192,9 +193,14 @@ def _wake(session: AsyncHookMethods) -> None:
 
 
 def _pool_timeout(sync: Session) -> float:
-    """The ``pool_timeout`` of the engine the session uses by default (QueuePool's)."""
+    """The ``pool_timeout`` of the engine the session uses (by default: QueuePool's).
+
+    The engine its transaction connected to, else its bind: not ``get_bind()``, which
+    for a session routed to replicas would choose one.
+    """
     try:
-        timeout = getattr(sync.get_bind().engine.pool, "timeout", None)
+        engine = sync._sessionforge_state.engine or sync.get_bind()  # type: ignore[attr-defined]
+        timeout = getattr(engine.engine.pool, "timeout", None)
     except Exception:  # unbound, or binds only: SQLAlchemy's default
         return _DEFAULT_POOL_TIMEOUT
     return float(timeout()) if callable(timeout) else _DEFAULT_POOL_TIMEOUT
@@ -404,9 +410,15 @@ async def _users_exit(self: Any, type_: Any, value: Any, traceback: Any) -> Any:
 
 
 def make_session_classes(
-    class_: type[_AS], sync_class_: type[Session] | None, counters: stats.FactoryStats
+    class_: type[_AS],
+    sync_class_: type[Session] | None,
+    counters: stats.FactoryStats,
+    replicas: Replicas | None = None,
 ) -> tuple[type[_AS], type[Session]]:
-    """Return fresh (async, sync) subclasses for one factory's sessions."""
+    """Return fresh (async, sync) subclasses for one factory's sessions.
+
+    With ``replicas``, the sync class also routes (``routing.py``).
+    """
     sync_base: type[Session] = sync_class_ or class_.sync_session_class
     for given, mixin in ((class_, AsyncHookMethods), (sync_base, SyncHookMethods)):
         if issubclass(given, mixin):
@@ -415,14 +427,19 @@ def make_session_classes(
                 "new factory the class that factory was given (db.config.class_ / "
                 "db.config.sync_class_), or a subclass of it"
             )
+    mixins: tuple[type, ...] = (SyncHookMethods,)
+    if replicas is not None:
+        mixins = (routing.RoutedMethods, SyncHookMethods)
     sync_class = type(
-        sync_base.__name__, (SyncHookMethods, sync_base), {"__module__": sync_base.__module__}
+        sync_base.__name__, (*mixins, sync_base), {"__module__": sync_base.__module__}
     )
     # SyncHookMethods.__init__ takes (*args, **kwargs): show the given class's signature.
     sync_class.__signature__ = inspect.signature(sync_base)  # type: ignore[attr-defined]
     hooks.install(sync_class)
     transactions.install(sync_class)
     stats.install(sync_class, counters)
+    if replicas is not None:
+        routing.install_routing(sync_class, replicas)
     namespace: dict[str, Any] = {"__module__": class_.__module__, "sync_session_class": sync_class}
     owner: list[type] = []  # the class, once made: the guards look methods up above it
     for name, kind in guarded_methods(class_).items():

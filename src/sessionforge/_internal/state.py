@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session, SessionTransaction
 
+    from .replicas import Consistency
+    from .routing import Route
     from .transactions import TransactionOptions
 
 __all__ = ["SessionState", "state_of"]
@@ -33,11 +35,14 @@ class SessionState:
         "atomic_depth",
         "committed",
         "connected",
+        "consistency",
         "counted_open",
         "engine",
         "hooks",
         "options",
         "origin",
+        "primary_connection",
+        "route",
     )
 
     def __init__(self) -> None:
@@ -56,6 +61,11 @@ class SessionState:
         self.atomic_depth = 0
         #: Registered on-commit / after-rollback hooks (``hooks``; made on first use).
         self.hooks: Any = None
+        #: With replicas (``routing``): where a routed session reads, the primary
+        #: connection of the open transaction, the position its last commit reached.
+        self.route: Route | None = None
+        self.primary_connection: Connection | None = None
+        self.consistency: Consistency | None = None
 
 
 def state_of(session: Session) -> SessionState | None:

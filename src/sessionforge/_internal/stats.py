@@ -24,6 +24,7 @@ from . import sqla as _sqla
 
 if TYPE_CHECKING:
     from .engines import EngineStatus
+    from .replicas import ReplicaStatus
     from .state import SessionState
 
 __all__ = [
@@ -64,6 +65,10 @@ class FactoryStatus:
     transactions_committed: int = 0
     transactions_rolled_back: int = 0
     transactions_retried: int = 0
+    #: With ``replicas=``: each replica's health and figures, and how many routed
+    #: sessions (readers, read-only transactions) the primary served instead.
+    replicas: tuple[ReplicaStatus, ...] = ()
+    primary_fallbacks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,10 @@ awaits (``factory.py``) or blocks (``sync.py``), under the same method names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from sessionforge.errors import ConfigurationError
 
 from .transactions import RetryPolicy, RetryPredicate, TransactionOptions
 
@@ -45,6 +48,34 @@ class TwinBase:
     def status(self) -> FactoryStatus:
         """Pool figures and counters; ``checked_out`` is this twin's engine's."""
         return self._core.status(role=self._twin)
+
+    # read replicas (DESIGN.md §9) ---------------------------------------------------
+
+    def consistency_token(self) -> str | None:
+        """The position of this context's last commit on the primary, as a string.
+
+        ``None`` when this context (task, or thread for the sync twin) has committed
+        no write here, or the factory has no ``replicas``. Hand it to another process
+        (a header, a job's payload) and apply it there with ``consistent_with``.
+        """
+        replicas = self._core.replicas
+        return None if replicas is None else replicas.token()
+
+    def consistent_with(self, token: str | None) -> AbstractContextManager[None]:
+        """``with db.consistent_with(token):`` reads in the block see that commit.
+
+        Reads routed to replicas in the block wait for (or skip) replicas that have not
+        replayed the commit ``token`` names. ``None`` does nothing; a token that does not
+        parse, or names another cluster, is ignored and logged. Commits made inside the
+        block stay in effect after it. Without ``replicas`` it does nothing.
+        """
+        if token is not None and not isinstance(token, str):
+            raise ConfigurationError(
+                "consistent_with() takes a token from consistency_token() (a str) or None, "
+                f"got {type(token).__name__}"
+            )
+        replicas = self._core.replicas
+        return nullcontext() if replicas is None else replicas.consistent_with(token)
 
     @property
     def config(self) -> FactoryConfig:

@@ -1,0 +1,372 @@
+"""Read replicas: their engines and health, and the consistency tokens that route reads.
+
+One ``Replicas`` per factory core (both twins share it) when the factory has
+``replicas=``. Each ``Replica`` has its own engines (one per event loop, one for the
+sync twin, each with its own pool, built with the factory's options) and what the
+factory last learnt of it: healthy or not (and when to try again), and its replay
+position at its last check.
+
+**Read your writes.** After a transaction that wrote commits on the primary, the
+context that ran it holds a ``Consistency``: the cluster's system identifier and the
+primary's WAL position after that COMMIT (``routing.py`` takes it; ``dialects/
+replication.py`` has the SQL). A replica serves a context only once its replay position
+has reached the context's; the check is its own statement on the replica, before the
+session's first one, and its answer is cached: while a replica is known to be past the
+position, reads cost no check. Otherwise ``choose`` checks the replicas again for up to
+``replica_wait`` seconds, then gives up and the read goes to the primary.
+
+The context's value is a ``contextvars.ContextVar``: it follows the task (and the tasks
+it starts later), and is separate per thread for the sync twin. The token
+(``Consistency.token()``) is ``sf1-<system>-<position>`` in hex: ``sf1`` is the format's
+version, and a token of another cluster, or one that does not parse, is ignored (and
+logged).
+
+**Health.** A replica that fails its check, or whose connection cannot be made, is
+marked unhealthy and skipped for ``replica_recheck`` seconds; then it is checked (one
+round trip) before it serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_
+
+from sessionforge.config import FactoryConfig
+from sessionforge.dialects.replication import format_lsn, replica_position
+
+from . import sqla as _sqla
+from .engines import build_async_engine, build_sync_engine
+from .loops import LoopEngines
+from .urls import mask_url
+
+__all__ = ["Consistency", "Replica", "ReplicaStatus", "Replicas"]
+
+logger = logging.getLogger("sessionforge.replicas")
+
+Twin = Literal["async", "sync"]
+
+_TOKEN: Final = re.compile(r"^sf1-([0-9a-f]{1,16})-([0-9a-f]{1,16})$")
+#: How long ``choose`` sleeps between checks while waiting for a replica: it doubles
+#: from the first value up to the second.
+_FIRST_POLL: Final = 0.001
+_LONGEST_POLL: Final = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Consistency:
+    """The position a context's reads must see: its last commit on the primary."""
+
+    system: int  # 0: not known
+    position: int
+
+    def token(self) -> str:
+        return f"sf1-{self.system:x}-{self.position:x}"
+
+    @classmethod
+    def parse(cls, token: str) -> Consistency | None:
+        match = _TOKEN.match(token) if isinstance(token, str) else None
+        if match is None:
+            return None
+        return cls(int(match.group(1), 16), int(match.group(2), 16))
+
+    def newer(self, other: Consistency | None) -> Consistency:
+        """The later of two positions of one cluster (``self`` for another cluster)."""
+        if other is None or other.system != self.system or other.position < self.position:
+            return self
+        return other
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One replica, as ``status().replicas`` shows it.
+
+    ``position`` is its replay position at its last check (``None`` before the first),
+    ``lag_bytes`` how far that is behind the newest commit this process saw on the
+    primary (``None`` when it knows of none). ``reads`` counts the sessions it served,
+    ``checked_out`` the connections checked out of its pools now.
+    """
+
+    url: str
+    healthy: bool
+    reads: int
+    position: str | None
+    lag_bytes: int | None
+    checked_out: int
+    last_error: str | None
+
+
+class Replica:
+    """One replica's engines and what the factory knows of it."""
+
+    def __init__(self, config: FactoryConfig) -> None:
+        self.config = config
+        self.url: URL = config.bound_url
+        self.shown = mask_url(self.url)
+        self._loop_engines = LoopEngines(lambda: build_async_engine(config))
+        self._sync_engine: Engine | None = None
+        self._option_engines: dict[tuple[Engine, tuple[tuple[str, Any], ...]], Engine] = {}
+        self._lock = threading.Lock()
+        self.healthy = True
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self.position = -1
+        self.reads = itertools.count()
+        self._reads_seen = 0
+
+    def engine(self, twin: Twin, execution_options: dict[str, Any] | None = None) -> Engine:
+        """The (sync-level) engine a session of ``twin`` uses here, with the options."""
+        engine = self._loop_engines.get().sync_engine if twin == "async" else self._sync()
+        if not execution_options:
+            return engine
+        key = (engine, tuple(sorted(execution_options.items())))
+        bound = self._option_engines.get(key)
+        if bound is None:
+            if len(self._option_engines) > 64:  # engines of ended loops
+                self._option_engines.clear()
+            bound = self._option_engines[key] = engine.execution_options(**execution_options)
+        return bound
+
+    def _sync(self) -> Engine:
+        engine = self._sync_engine
+        if engine is None:
+            with self._lock:
+                engine = self._sync_engine
+                if engine is None:
+                    engine = self._sync_engine = build_sync_engine(self.config)
+        return engine
+
+    def forget_engines(self) -> tuple[AsyncEngine | None, Engine | None]:
+        """Detach this loop's async engine and the sync engine, for the caller to dispose."""
+        async_engine = self._loop_engines.take_current()
+        self._loop_engines.drop_dead()
+        with self._lock:
+            sync_engine, self._sync_engine = self._sync_engine, None
+            self._option_engines.clear()
+        return async_engine, sync_engine
+
+    def checked_out(self) -> int:
+        engines = [e.sync_engine for e in self._loop_engines.engines()]
+        if self._sync_engine is not None:
+            engines.append(self._sync_engine)
+        total = 0
+        for engine in engines:
+            count = getattr(engine.pool, "checkedout", None)
+            total += int(count()) if callable(count) else 0
+        return total
+
+    def __repr__(self) -> str:
+        return f"<replica {self.shown} {'healthy' if self.healthy else 'unhealthy'}>"
+
+
+class Replicas:
+    """The replicas of one factory, and the contexts' consistency (module docstring)."""
+
+    def __init__(self, config: FactoryConfig) -> None:
+        self.replicas = tuple(
+            Replica(config.replace(url=url, replicas=())) for url in config.replicas
+        )
+        self.read_your_writes = config.read_your_writes
+        self.wait = float(config.replica_wait)
+        self.recheck = float(config.replica_recheck)
+        #: asyncpg behind PgBouncer: checks run in a transaction (``dialects.replication``).
+        self.in_transaction = config.pgbouncer and config.bound_url.get_driver_name() == "asyncpg"
+        #: The cluster's system identifier, once a primary or replica told it.
+        self.system: int | None = None
+        #: The newest commit position seen on the primary (for ``lag_bytes``).
+        self.newest = 0
+        self._fallbacks = itertools.count()
+        self._turn = itertools.count()
+        self._foreign: set[int] = set()
+        self.current: ContextVar[Consistency | None] = ContextVar(
+            "sessionforge_consistency", default=None
+        )
+
+    # the context's consistency ---------------------------------------------------------
+
+    def token(self) -> str | None:
+        value = self.current.get()
+        return None if value is None else value.token()
+
+    def apply(self, value: Consistency) -> None:
+        """Make the running context's reads see at least ``value``."""
+        self.current.set(value.newer(self.current.get()))
+
+    def committed(self, position: int, system: int | None) -> Consistency:
+        if system is not None and self.system is None:
+            self.system = system
+        self.newest = max(self.newest, position)
+        return Consistency(self.system or 0, position)
+
+    @contextmanager
+    def consistent_with(self, token: str | None) -> Iterator[None]:
+        """Apply ``token`` for the block; commits made in it are kept after it."""
+        if token is None:
+            yield
+            return
+        given = Consistency.parse(token)
+        if given is None:
+            logger.warning(
+                "ignored a consistency token that is not one of sessionforge's: %.40r", token
+            )
+            yield
+            return
+        before = self.current.get()
+        applied = given.newer(before)
+        reset = self.current.set(applied)
+        try:
+            yield
+        finally:
+            inside = self.current.get()
+            self.current.reset(reset)
+            if inside is not applied and inside is not None:
+                self.apply(inside)  # the block committed: keep its position
+
+    # routing ---------------------------------------------------------------------------
+
+    def choose(self, twin: Twin, *, io: bool) -> Replica | None:
+        """A replica that may serve the running context's read now, or ``None`` (primary).
+
+        With ``io`` (in the sync twin, or in SQLAlchemy's greenlet for the async one)
+        it may check replicas and wait up to ``replica_wait``; without, it decides from
+        what it knows.
+        """
+        need = self._needed()
+        order = self._rotation()
+        if io:
+            now = time.monotonic()
+            for replica in order:
+                if not replica.healthy and replica.retry_at <= now:
+                    self.check(replica, twin)  # due: one round trip decides
+        for replica in order:
+            if replica.healthy and (need is None or replica.position >= need):
+                return replica
+        if not io or need is None:
+            self._fallback()
+            return None
+        deadline = time.monotonic() + self.wait
+        pause = _FIRST_POLL
+        while True:
+            for replica in order:
+                if replica.healthy and self.check(replica, twin) and replica.position >= need:
+                    return replica
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not any(replica.healthy for replica in order):
+                self._fallback()
+                return None
+            _sleep(min(pause, remaining))
+            pause = min(pause * 2, _LONGEST_POLL)
+
+    def _needed(self) -> int | None:
+        if not self.read_your_writes:
+            return None
+        value = self.current.get()
+        if value is None:
+            return None
+        if value.system and self.system is not None and value.system != self.system:
+            if value.system not in self._foreign:
+                self._foreign.add(value.system)
+                logger.warning(
+                    "ignored a consistency token of another cluster (system %d, this is %d)",
+                    value.system,
+                    self.system,
+                )
+            return None
+        return value.position
+
+    def _rotation(self) -> tuple[Replica, ...]:
+        replicas = self.replicas
+        start = next(self._turn) % len(replicas)
+        return replicas[start:] + replicas[:start]
+
+    def _fallback(self) -> None:
+        next(self._fallbacks)
+        return
+
+    def check(self, replica: Replica, twin: Twin) -> bool:
+        """Ask ``replica`` for its replay position; ``False`` marks it unhealthy."""
+        try:
+            with replica.engine(twin).connect() as connection:
+                answer = replica_position(
+                    connection.connection.dbapi_connection, in_transaction=self.in_transaction
+                )
+        except Exception as exc:
+            self.failed(replica, exc)
+            return False
+        if self.system is None:
+            self.system = answer.system
+        elif answer.system != self.system:
+            self.failed(replica, None, f"belongs to another cluster (system {answer.system})")
+            return False
+        replica.position = max(replica.position, answer.position)
+        if not replica.healthy:
+            logger.info("replica %s is healthy again", replica.shown)
+        replica.healthy, replica.last_error = True, None
+        return True
+
+    def failed(self, replica: Replica, exc: BaseException | None, why: str = "") -> None:
+        """Mark ``replica`` unhealthy until ``replica_recheck`` seconds from now."""
+        reason = why or f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if replica.healthy:
+            logger.warning(
+                "replica %s is unhealthy (%s); reads go elsewhere, it is checked again in %gs",
+                replica.shown,
+                reason,
+                self.recheck,
+            )
+        replica.healthy = False
+        replica.retry_at = time.monotonic() + self.recheck
+        replica.last_error = reason
+
+    # status ----------------------------------------------------------------------------
+
+    @property
+    def fallbacks(self) -> int:
+        return _peek(self._fallbacks)
+
+    def status(self) -> tuple[ReplicaStatus, ...]:
+        found = []
+        for replica in self.replicas:
+            known = replica.position >= 0
+            found.append(
+                ReplicaStatus(
+                    url=replica.shown,
+                    healthy=replica.healthy,
+                    reads=_peek(replica.reads),
+                    position=format_lsn(replica.position) if known else None,
+                    lag_bytes=max(0, self.newest - replica.position)
+                    if known and self.newest
+                    else None,
+                    checked_out=replica.checked_out(),
+                    last_error=replica.last_error,
+                )
+            )
+        return tuple(found)
+
+    def forget_engines(self) -> list[tuple[AsyncEngine | None, Engine | None]]:
+        return [replica.forget_engines() for replica in self.replicas]
+
+
+def _peek(counter: itertools.count[int]) -> int:
+    return next(copy.copy(counter))  # the copy advances, not the counter
+
+
+def _sleep(seconds: float) -> None:
+    """Sleep in the sync twin's thread, or in SQLAlchemy's greenlet of the async twin."""
+    if _sqla.in_greenlet():
+        await_(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)

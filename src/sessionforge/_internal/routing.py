@@ -1,0 +1,227 @@
+"""Sessions routed to replicas, and the commits that move a context's consistency.
+
+A factory with ``replicas=`` gives its sync session class (the sync side of its
+AsyncSessions too) ``RoutedMethods`` and the listeners here; factories without replicas
+have neither and pay nothing.
+
+- A *routed* session (a reader, a read-only ``begin()``: ``core.py`` decides) carries a
+  ``Route``. Its ``get_bind()`` asks ``Replicas.choose`` once, on first use, for a
+  replica that has the context's writes; without one, the session's own bind (the
+  primary) serves. A connection to the chosen replica that cannot be made (before the
+  first statement) marks it unhealthy and the route chooses again: the caller sees no
+  error while another replica or the primary can serve.
+- A primary session's transaction is *written* when the connection ran a statement
+  other than a plain read (``before_cursor_execute`` on the primary's engines; text SQL
+  included: see ``is_write``). After such a transaction commits, one round trip on the
+  same connection gives the position (``dialects/replication.commit_position``), kept in
+  the session's state and applied to the committing context — and, by
+  ``carry_consistency``, to the caller's context when the COMMIT ran in a task of its
+  own (``begin()``'s exit does).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction
+
+from sessionforge.dialects.replication import commit_position
+
+from . import sqla as _sqla
+from .replicas import Replica, Replicas, Twin
+
+if TYPE_CHECKING:
+    from .state import SessionState
+
+__all__ = [
+    "Route",
+    "RoutedMethods",
+    "carry_consistency",
+    "install_routing",
+    "install_write_tracking",
+    "is_write",
+]
+
+logger = logging.getLogger("sessionforge.replicas")
+
+#: Set in a primary connection's ``info`` once its transaction wrote.
+_WROTE: Final = "sessionforge_wrote"
+# Statements that change no data: reads, and the transaction's own bookkeeping.
+_NOT_WRITES: Final = ("SELECT", "SHOW", "SET ", "SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN")
+
+
+def is_write(statement: str) -> bool:
+    """Whether ``statement`` may change data: anything but a plain read.
+
+    Conservative: a statement that starts with a comment, ``WITH`` or ``(`` counts as a
+    write. A ``SELECT`` of a function that writes does not — and is not seen.
+    """
+    return not statement.lstrip()[:9].upper().startswith(_NOT_WRITES)
+
+
+class Route:
+    """Where one routed session reads: a replica chosen on first use, or the primary."""
+
+    __slots__ = ("chosen", "decided", "execution_options", "replica", "replicas", "twin")
+
+    def __init__(
+        self, replicas: Replicas, twin: Twin, execution_options: dict[str, Any] | None
+    ) -> None:
+        self.replicas = replicas
+        self.twin = twin
+        self.execution_options = execution_options
+        #: Whether the current transaction's server is chosen, and which: a replica's
+        #: engine, or ``None`` for the primary.
+        self.decided = False
+        self.chosen: Engine | None = None
+        self.replica: Replica | None = None
+
+    def engine(self) -> Engine | None:
+        """The replica engine to use, or ``None`` for the session's own (the primary).
+
+        Chosen once per transaction. A ``get_bind()`` outside SQLAlchemy's greenlet
+        (an async session's, called from plain async code) cannot check replicas: it
+        answers from what is known, and the choice is made at the first real use.
+        """
+        if self.decided:
+            return self.chosen
+        io = self.twin == "sync" or _sqla.in_greenlet()
+        replica = self.replicas.choose(self.twin, io=io)
+        engine = None if replica is None else replica.engine(self.twin, self.execution_options)
+        if io:
+            self.decided, self.chosen, self.replica = True, engine, replica
+            if replica is not None:
+                next(replica.reads)
+        return engine
+
+    def reroute(self, engine: Engine, exc: Exception) -> Engine | None:
+        """After ``engine`` could not give a connection: the next choice, or re-raise."""
+        replica = self.replica
+        if replica is None or engine is not self.chosen or not reroutable(exc):
+            raise exc
+        self.replicas.failed(replica, exc)
+        self.reset()
+        return self.engine()
+
+    def reset(self) -> None:
+        self.decided, self.chosen, self.replica = False, None, None
+
+
+def reroutable(exc: BaseException) -> bool:
+    """Whether a failure to get a replica connection means "try another server"."""
+    from sessionforge import dialects
+    from sessionforge.errors import DatabaseUnavailableError
+
+    if isinstance(exc, DatabaseUnavailableError | OSError | TimeoutError):
+        return True
+    classify = getattr(dialects, "is_connection_error", None)
+    if classify is not None and classify(exc):
+        return True
+    return bool(getattr(exc, "connection_invalidated", False))
+
+
+class RoutedMethods:
+    """``get_bind()`` and connection setup of a factory with replicas (module docstring)."""
+
+    _sessionforge_state: SessionState
+
+    def get_bind(self, mapper: Any = None, *args: Any, **kwargs: Any) -> Any:
+        route = self._sessionforge_state.route
+        if route is not None and kwargs.get("bind") is None:
+            engine = route.engine()
+            if engine is not None:
+                return engine
+        return super().get_bind(mapper, *args, **kwargs)  # type: ignore[misc]
+
+    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
+        # SQLAlchemy 2.1.9's Session._connection_for_bind (private; see sqla.py, 14):
+        # where every transaction of a session gets its connection, also for flushes.
+        route = self._sessionforge_state.route
+        while True:
+            try:
+                return super()._connection_for_bind(  # type: ignore[misc]
+                    engine, execution_options, **kw
+                )
+            except Exception as exc:
+                if route is None:
+                    raise
+                engine = route.reroute(engine, exc) or super().get_bind()  # type: ignore[misc]
+
+
+def install_routing(session_class: type[Session], replicas: Replicas) -> None:
+    """The listeners of a factory with replicas, on its sync session class."""
+
+    def connected(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+        if transaction.parent is not None:
+            return
+        state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+        if state.route is None and replicas.read_your_writes:
+            connection.info.pop(_WROTE, None)
+            state.primary_connection = connection
+
+    def committed(session: Session) -> None:
+        state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+        connection = state.primary_connection
+        if connection is None:
+            return
+        state.primary_connection = None
+        if not connection.info.pop(_WROTE, False) or connection.invalidated:
+            return
+        try:
+            position, system = commit_position(
+                connection.connection.dbapi_connection,
+                with_system=replicas.system is None,
+                in_transaction=replicas.in_transaction,
+            )
+        except Exception:  # the COMMIT succeeded: never turn that into an error
+            logger.warning(
+                "could not read the primary's WAL position after a commit; this "
+                "context's next reads may not see it on a replica",
+                exc_info=True,
+            )
+            return
+        consistency = replicas.committed(position, system)
+        state.consistency = consistency
+        replicas.apply(consistency)
+
+    def ended(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:
+            state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+            state.primary_connection = None
+            if state.route is not None:
+                state.route.reset()
+
+    event.listen(session_class, "after_begin", connected)
+    event.listen(session_class, "after_commit", committed)
+    event.listen(session_class, "after_transaction_end", ended)
+
+
+def install_write_tracking(engine: Engine) -> None:
+    """Note on a primary connection that its transaction ran a write (``is_write``)."""
+
+    def before_cursor_execute(
+        connection: Connection,
+        _cursor: Any,
+        statement: str,
+        _parameters: Any,
+        _context: Any,
+        _executemany: bool,
+    ) -> None:
+        if is_write(statement):
+            connection.info[_WROTE] = True
+
+    event.listen(engine, "before_cursor_execute", before_cursor_execute)
+
+
+def carry_consistency(session: Session, replicas: Replicas | None) -> None:
+    """Apply the position ``session`` last committed at to the running context."""
+    if replicas is None:
+        return
+    state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
+    consistency = state.consistency
+    if consistency is not None:
+        state.consistency = None
+        replicas.apply(consistency)
