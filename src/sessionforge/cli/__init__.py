@@ -3,7 +3,9 @@
 Exit codes: 0 success; 1 the database is unavailable, refused the connection, or an
 unexpected error (or the demo's invariant broke without ``--plain``); 2 a configuration
 error (bad URL, unknown or missing driver, sync driver, bad option); 3 (``check``) the
-SQLite file does not exist yet, and was not created. Errors are one line on stderr,
+SQLite file does not exist yet, and was not created; 4 (``check --replica``) the primary
+answered, but a replica is unreachable, refused the connection or belongs to another
+cluster (the report is printed, then the error line). Errors are one line on stderr,
 ``sessionforge <command>: <reason>``, with any password masked, and never a traceback.
 
 This module is the entry point (``main``, the ``sessionforge`` script and
@@ -74,13 +76,23 @@ def _add_check(commands: Any) -> None:
         help="connect to a database and show what sessionforge makes of it",
         description="Connect, ping and describe a database. URL defaults to the "
         f"DATABASE_URL environment variable, else {DEFAULT_URL}. A SQLite file that "
-        "does not exist is reported, not created.",
-        epilog="exit codes: 0 the database answered; 1 it is unreachable or refused the "
+        "does not exist is reported, not created. With --replica (PostgreSQL), or a URL "
+        "that lists several hosts, every server's role, cluster and lag are shown too.",
+        epilog="exit codes: 0 the database answered (a warning, such as a replica that is "
+        "not in recovery, leaves it 0); 1 it is unreachable or refused the "
         "connection (the message says why), or an unexpected error; 2 a configuration "
         "error (URL, driver, option); 3 the SQLite file does not exist yet (it will be "
-        "created on first use; check created nothing)",
+        "created on first use; check created nothing); 4 the primary answered, but a "
+        "replica is unreachable, refused the connection or belongs to another cluster",
     )
-    check.add_argument("url", nargs="?", metavar="URL", help="database URL")
+    check.add_argument("url", nargs="?", metavar="URL", help="database URL (the primary)")
+    check.add_argument(
+        "--replica",
+        action="append",
+        metavar="URL",
+        help="a streaming replica of the primary, checked too: role, cluster, lag in bytes "
+        "(repeat for each replica)",
+    )
     check.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -150,10 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _scrubbed(exc: BaseException, args: argparse.Namespace) -> str:
-    """The driver's error on one line, with the password of the user's URL as ***."""
+    """The driver's error on one line, with the passwords of the user's URLs as ***."""
     original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     text = f"{type(original).__name__}: {one_line(original)}"
-    for password in _passwords(args.url or os.environ.get("DATABASE_URL") or ""):
+    urls = [
+        args.url or os.environ.get("DATABASE_URL") or "",
+        *(getattr(args, "replica", None) or ()),
+    ]
+    for password in {password for url in urls for password in _passwords(url)}:
         text = text.replace(password, "***")
     return text
 
