@@ -392,6 +392,8 @@ class FactoryConfig:
         if not self.replicas or self.url is None:
             return
         backend = self.url.get_backend_name()
+        if backend != "postgresql":
+            return  # replicas= is for PostgreSQL only: _check_dialect_options says so
         for replica in self.replicas:
             if replica.get_backend_name() != backend:
                 raise ConfigurationError(

@@ -39,9 +39,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_
 
@@ -64,6 +66,8 @@ _TOKEN: Final = re.compile(r"^sf1-([0-9a-f]{1,16})-([0-9a-f]{1,16})$")
 #: from the first value up to the second.
 _FIRST_POLL: Final = 0.001
 _LONGEST_POLL: Final = 0.01
+#: A replica known to be behind a context's position is asked again after this long.
+_REFRESH: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,7 @@ class Replica:
         self.config = config
         self.url: URL = config.bound_url
         self.shown = mask_url(self.url)
-        self._loop_engines = LoopEngines(lambda: build_async_engine(config))
+        self._loop_engines = LoopEngines(lambda: _replica_engine(build_async_engine(config)))
         self._sync_engine: Engine | None = None
         self._option_engines: dict[tuple[Engine, tuple[tuple[str, Any], ...]], Engine] = {}
         self._lock = threading.Lock()
@@ -124,6 +128,7 @@ class Replica:
         self.retry_at = 0.0
         self.last_error: str | None = None
         self.position = -1
+        self.checked_at = 0.0
         self.reads = itertools.count()
         self._reads_seen = 0
 
@@ -146,7 +151,7 @@ class Replica:
             with self._lock:
                 engine = self._sync_engine
                 if engine is None:
-                    engine = self._sync_engine = build_sync_engine(self.config)
+                    engine = self._sync_engine = _replica_engine(build_sync_engine(self.config))
         return engine
 
     def forget_engines(self) -> tuple[AsyncEngine | None, Engine | None]:
@@ -246,13 +251,20 @@ class Replicas:
         """
         need = self._needed()
         order = self._rotation()
+        now = time.monotonic()
         if io:
-            now = time.monotonic()
             for replica in order:
                 if not replica.healthy and replica.retry_at <= now:
                     self.check(replica, twin)  # due: one round trip decides
         for replica in order:
-            if replica.healthy and (need is None or replica.position >= need):
+            if not replica.healthy:
+                continue
+            if need is None or replica.position >= need:
+                return replica
+            # Known to be behind, but that was a while ago: look again (so a replica
+            # that caught up gets its share of the reads back).
+            stale = io and now - replica.checked_at > _REFRESH
+            if stale and self.check(replica, twin) and replica.position >= need:
                 return replica
         if not io or need is None:
             self._fallback()
@@ -312,6 +324,7 @@ class Replicas:
             self.failed(replica, None, f"belongs to another cluster (system {answer.system})")
             return False
         replica.position = max(replica.position, answer.position)
+        replica.checked_at = time.monotonic()
         if not replica.healthy:
             logger.info("replica %s is healthy again", replica.shown)
         replica.healthy, replica.last_error = True, None
@@ -358,6 +371,30 @@ class Replicas:
 
     def forget_engines(self) -> list[tuple[AsyncEngine | None, Engine | None]]:
         return [replica.forget_engines() for replica in self.replicas]
+
+
+_E = TypeVar("_E", AsyncEngine, Engine)
+
+
+def _replica_engine(engine: _E) -> _E:
+    """A replica's engine: a pooled connection the server closed is replaced at checkout.
+
+    asyncpg notices a closed socket as soon as the event loop reads it (psycopg only
+    at its next use): a replica that stopped then fails at checkout — before the
+    session's first statement, where its read can go to another server — instead of
+    at the statement.
+    """
+    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    dialect = sync.dialect
+
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dialect.get_driver_connection(dbapi_connection)
+        is_closed = getattr(driver, "is_closed", None)
+        if is_closed() if callable(is_closed) else getattr(driver, "closed", False):
+            raise DisconnectionError("the server closed this pooled connection")
+
+    event.listen(sync, "checkout", on_checkout)
+    return engine
 
 
 def _peek(counter: itertools.count[int]) -> int:
