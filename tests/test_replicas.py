@@ -455,3 +455,77 @@ def test_replica_urls_are_masked_and_take_the_primarys_driver(cluster: Replicate
     (status,) = db.status().replicas
     assert "s3cret" not in status.url
     assert "***" in status.url
+
+
+# across requests: the ASGI integration --------------------------------------------------
+
+
+def make_app(db: SessionFactory[AsyncSession], table: str, **middleware: Any) -> Any:
+    from fastapi import Depends, FastAPI
+
+    from sessionforge.asgi import SessionMiddleware
+
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware, factory=db, **middleware)
+    reader = db.dependency(readonly=True)
+
+    @app.post("/rows/{row}")
+    async def add(row: int) -> dict[str, int]:
+        await db.current().execute(text(f"INSERT INTO {table} VALUES ({row}, 'x')"))
+        return {"added": row}
+
+    @app.get("/rows")
+    # (a default, not Annotated: this module's annotations are strings, and FastAPI
+    # resolves them in the module's namespace, where `reader` is not)
+    async def rows(session: AsyncSession = Depends(reader)) -> dict[str, Any]:  # noqa: B008
+        found = await count(session, table)
+        return {"rows": found, "replica": (await where(session))[0]}
+
+    return app
+
+
+async def test_a_client_that_posts_then_gets_sees_its_write_on_another_process(
+    cluster: Replicated, table: str
+) -> None:
+    import httpx
+
+    replicas = [r.url for r in cluster.replicas]
+    # two "processes": factories that share nothing but the cluster
+    first = SessionFactory(cluster.primary.url, replicas=replicas)
+    second = SessionFactory(cluster.primary.url, replicas=replicas)
+    writer, other = make_app(first, table), make_app(second, table)
+    no_cookie = make_app(second, table, consistency_cookie=None)
+    try:
+        for replica in cluster.replicas:
+            cluster.pause_replay(replica)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=writer), base_url="http://test"
+        ) as client:
+            posted = await client.post("/rows/1")
+            assert posted.status_code == 200
+            cookie = posted.headers["set-cookie"]
+            assert cookie.startswith("sessionforge_consistency=sf1-")
+            assert "HttpOnly" in cookie
+            assert "Max-Age=300" in cookie
+            token = client.cookies["sessionforge_consistency"]
+            read = await client.get("/rows")  # reads carry no new cookie
+            assert read.json() == {"rows": 1, "replica": False}
+            assert "set-cookie" not in read.headers
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other),
+            base_url="http://test",
+            cookies={"sessionforge_consistency": token},
+        ) as client:
+            assert (await client.get("/rows")).json() == {"rows": 1, "replica": False}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other), base_url="http://test"
+        ) as client:  # another client, that wrote nothing: any replica, stale
+            assert (await client.get("/rows")).json() == {"rows": 0, "replica": True}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=no_cookie), base_url="http://test"
+        ) as client:
+            posted = await client.post("/rows/2")
+            assert "set-cookie" not in posted.headers
+    finally:
+        await first.dispose()
+        await second.dispose()

@@ -18,6 +18,15 @@ the database's error), never a 2xx for work the database does not hold.
 After its transaction ends, a request's session is closed for good: using it in a
 background task, a streaming body or after the response raises ``SessionClosedError``
 (those open their own: ``async with db.begin() as session``).
+
+**Read your writes across requests** (a factory with ``replicas=``): a request that
+commits a write answers with a cookie holding the commit's consistency token
+(``CONSISTENCY_COOKIE``, ``Max-Age`` five minutes, ``HttpOnly``, ``SameSite=Lax``); the
+client's next requests send it back, and their reads wait for (or skip) replicas that
+have not replayed that commit — whichever process serves them. ``SessionMiddleware``
+reads and writes the cookie (``consistency_cookie=None`` turns it off); a
+``db.dependency()`` session reads it, and writes it when the app has the middleware
+(FastAPI builds the response before a dependency's transaction ends).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -33,6 +43,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._internal.cancellation import end_and_close
 from ._internal.context import Deferred
+from ._internal.replicas import Consistency, Replicas
+from ._internal.routing import carry_consistency
 from ._internal.session import retire
 from ._internal.twin import core_of
 from .errors import (
@@ -45,7 +57,12 @@ from .errors import (
 if TYPE_CHECKING:
     from .factory import SessionFactory
 
-__all__ = ["CommitMode", "Lifespan", "SessionMiddleware"]
+__all__ = ["CONSISTENCY_COOKIE", "CommitMode", "Lifespan", "SessionMiddleware"]
+
+#: The cookie that carries a client's consistency token between requests.
+CONSISTENCY_COOKIE: Final = "sessionforge_consistency"
+#: How long a client keeps it: replicas are expected to catch up well within this.
+CONSISTENCY_COOKIE_MAX_AGE: Final = 300
 
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -78,13 +95,21 @@ class RequestSession(Deferred[_AS]):
     ``atomic()`` behaves as in ``scope()``: the outermost block commits.
     """
 
-    __slots__ = ("atomic", "ended", "failed", "key", "label")
+    __slots__ = ("atomic", "ended", "failed", "key", "label", "replicas")
 
     def __init__(
-        self, make: Callable[[], _AS], label: str, *, atomic: bool, key: object = None
+        self,
+        make: Callable[[], _AS],
+        label: str,
+        *,
+        atomic: bool,
+        key: object = None,
+        replicas: Replicas | None = None,
     ) -> None:
         super().__init__(make)
         self.label = label
+        #: The factory's replicas: a commit's position reaches the request's context.
+        self.replicas = replicas
         self.key = key
         self.atomic = atomic
         self.ended = False
@@ -129,6 +154,8 @@ class RequestSession(Deferred[_AS]):
             await end_and_close(
                 session, session.commit if commit and session.in_transaction() else None
             )
+            # The COMMIT ran in a task of its own: its position reaches the request.
+            carry_consistency(session.sync_session, self.replicas)
         finally:
             retire(session, self._ended_message())
 
@@ -180,15 +207,30 @@ class SessionMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, factory: SessionFactory[Any], commit: CommitMode = "auto"
+        self,
+        app: ASGIApp,
+        *,
+        factory: SessionFactory[Any],
+        commit: CommitMode = "auto",
+        consistency_cookie: str | None = CONSISTENCY_COOKIE,
     ) -> None:
         check_commit_mode(commit, MIDDLEWARE_MODES, "SessionMiddleware")
+        if consistency_cookie is not None and not _COOKIE_NAME.match(consistency_cookie):
+            raise ConfigurationError(
+                f"SessionMiddleware: consistency_cookie={consistency_cookie!r} is not a "
+                "cookie name (letters, digits, '_' and '-'); or None to send no cookie"
+            )
         self.app = app
         self.factory = factory
         self.commit: CommitMode = commit
+        core = core_of(factory)
         # The factory's own current-session variable: db.current() and atomic() read it.
-        self._current = core_of(factory).current_async
+        self._current = core.current_async
         self._make = factory.__call__
+        #: With replicas and a cookie name: the client's token goes in and out.
+        self._all_replicas = core.replicas
+        self._replicas = core.replicas if consistency_cookie is not None else None
+        self._cookie = consistency_cookie or ""
 
     def _commits(self, status: int) -> bool:
         if self.commit == "auto":
@@ -202,9 +244,17 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         request = RequestSession(
-            self._make, describe_request(scope), atomic=self.commit != "manual"
+            self._make,
+            describe_request(scope),
+            atomic=self.commit != "manual",
+            replicas=self._all_replicas,
         )
         commit_error: Exception | None = None
+        replicas = self._replicas
+        consistency = None
+        if replicas is not None:
+            consistency = replicas.current.set(_incoming(scope, self._cookie, replicas))
+        given = None if replicas is None else replicas.current.get()
 
         async def send_after_ending(message: Message) -> None:
             nonlocal commit_error
@@ -215,6 +265,10 @@ class SessionMiddleware:
                 except Exception as error:
                     commit_error = error  # nothing was sent: the app's error handling answers
                     raise
+                if replicas is not None:
+                    latest = replicas.current.get()
+                    if latest is not None and latest is not given:
+                        message = _with_cookie(message, self._cookie, latest)
             await send(message)
 
         token = self._current.set(request)
@@ -233,6 +287,9 @@ class SessionMiddleware:
             await request.end(commit=False)  # the app never started a response
         finally:
             self._current.reset(token)
+            if consistency is not None:
+                assert replicas is not None
+                replicas.current.reset(consistency)
 
 
 def make_dependency(
@@ -255,6 +312,7 @@ def make_dependency(
             "db.dependency() needs FastAPI: pip install 'sessionforge[fastapi]'"
         ) from error
     current = core_of(factory).current_async
+    replicas = core_of(factory).replicas
     commits = commit == "auto"
 
     async def session_dependency(connection: HTTPConnection) -> _AS:
@@ -273,9 +331,13 @@ def make_dependency(
             exits.push_async_exit(note_failure)
             shared: _AS = outer.get(make, key)
             return shared
-        request = RequestSession(make, "handled by db.dependency()", atomic=commits, key=key)
+        request = RequestSession(
+            make, "handled by db.dependency()", atomic=commits, key=key, replicas=replicas
+        )
         session = request.get()
         token = current.set(session)
+        if replicas is not None:  # the client's token, for the request's reads
+            replicas.current.set(_incoming(connection.scope, CONSISTENCY_COOKIE, replicas))
 
         async def end(exc_type: object, exc: object, tb: object) -> bool:
             try:
@@ -301,6 +363,34 @@ def make_dependency(
     )
     session_dependency.__qualname__ = session_dependency.__name__ = "sessionforge_session"
     return session_dependency
+
+
+_COOKIE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _incoming(scope: Scope, name: str, replicas: Replicas) -> Consistency | None:
+    """The consistency a request's cookie ``name`` carries, newer than the context's."""
+    for key, value in scope.get("headers", ()):
+        if key != b"cookie":
+            continue
+        for part in value.decode("latin-1").split(";"):
+            cookie, _, token = part.strip().partition("=")
+            if cookie == name:
+                given = Consistency.parse(token)
+                if given is None:
+                    logger.warning("ignored a %s cookie that does not parse", name)
+                    return replicas.current.get()
+                return given.newer(replicas.current.get())
+    return replicas.current.get()
+
+
+def _with_cookie(message: Message, name: str, consistency: Consistency) -> Message:
+    cookie = (
+        f"{name}={consistency.token()}; Max-Age={CONSISTENCY_COOKIE_MAX_AGE}; Path=/; "
+        "HttpOnly; SameSite=Lax"
+    )
+    headers = [*message.get("headers", ()), (b"set-cookie", cookie.encode("latin-1"))]
+    return {**message, "headers": headers}
 
 
 # FastAPI internals, in this one place (written against FastAPI 0.121-0.165).
