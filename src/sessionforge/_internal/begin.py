@@ -108,8 +108,9 @@ class AsyncBeginContext(Generic[_AS]):
         else:
             end = functools.partial(self._transaction.__aexit__, exc_type, exc, tb)
         await end_and_close(self._session, end)
-        # The COMMIT ran in a task of its own: its position reaches the caller's context.
-        carry_consistency(self._session.sync_session, self._replicas)
+        if self._replicas is not None:
+            # The COMMIT ran in a task of its own: its position reaches the caller's context.
+            carry_consistency(self._session.sync_session, self._replicas)
         if timed_out:
             assert self._options is not None
             raise TransactionTimeoutError(
