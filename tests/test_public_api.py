@@ -10,6 +10,7 @@ from sessionforge import errors
 
 EXPECTED = [
     "DEFAULT_URL",
+    "AmbiguousCommitError",
     "AsyncBeginContext",
     "ConcurrentSessionUseError",
     "ConfigurationError",
@@ -46,6 +47,7 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
     kin = {
         errors.ConfigurationError: ValueError,
         errors.DatabaseUnavailableError: ConnectionError,
+        errors.AmbiguousCommitError: errors.DatabaseUnavailableError,
         errors.ConcurrentSessionUseError: RuntimeError,
         errors.NoCurrentSessionError: LookupError,
         errors.NestedTransactionError: RuntimeError,

@@ -12,6 +12,7 @@ from ._internal.engines import EngineStatus as EngineStatus
 from .config import DEFAULT_URL as DEFAULT_URL
 from .config import FactoryConfig as FactoryConfig
 from .config import FactoryOptions as FactoryOptions
+from .errors import AmbiguousCommitError as AmbiguousCommitError
 from .errors import ConcurrentSessionUseError as ConcurrentSessionUseError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
@@ -35,6 +36,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEFAULT_URL",
+    "AmbiguousCommitError",
     "AsyncBeginContext",
     "ConcurrentSessionUseError",
     "ConfigurationError",

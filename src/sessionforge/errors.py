@@ -6,6 +6,7 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     SessionForgeError
     ├── ConfigurationError          (ValueError)
     ├── DatabaseUnavailableError    (ConnectionError)
+    │   └── AmbiguousCommitError
     ├── ConcurrentSessionUseError   (RuntimeError)
     ├── IsolationLockTimeoutError   (TimeoutError)   sessionforge.testing only
     ├── IsolationNotEnteredError    (RuntimeError)   sessionforge.testing only
@@ -27,6 +28,7 @@ of a hook that raised (``hook_errors(session)``), and lives with the hooks.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousCommitError",
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
@@ -51,7 +53,22 @@ class ConfigurationError(SessionForgeError, ValueError):
 
 
 class DatabaseUnavailableError(SessionForgeError, ConnectionError):
-    """Raised when the database cannot be reached or does not answer in time."""
+    """Raised when the database cannot be reached or does not answer in time.
+
+    Also when an open connection is lost (refused, reset, the server shutting down or
+    terminating the backend, a primary that became a standby): the connection is
+    dropped, the server rolled back its open transaction, and ``run_transaction``
+    re-runs it. The driver's error is its ``__cause__``.
+    """
+
+
+class AmbiguousCommitError(DatabaseUnavailableError):
+    """Raised when the connection was lost while a COMMIT was in flight.
+
+    The COMMIT was sent and no answer came back, so the transaction may or may not have
+    committed: ``run_transaction`` never re-runs it. Check whether the work is there
+    before doing it again (or make it idempotent).
+    """
 
 
 class ConcurrentSessionUseError(SessionForgeError, RuntimeError):

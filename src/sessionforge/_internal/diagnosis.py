@@ -15,7 +15,9 @@ failure is one of:
 - **anything else**: the driver's message, and where to look.
 
 Every message shows the URL with its password masked, and the driver's text with any
-spelling of the password replaced by ``***``.
+spelling of the password replaced by ``***``. A ``DatabaseUnavailableError`` the engine
+raised already (a connect that failed there, ``_internal/disconnects.py``, worded by
+this module) keeps its message.
 
 The functions are pure (no connections, no side effects), except that explaining why
 SQLite cannot open a file looks at whether its directory exists.
@@ -41,6 +43,7 @@ from .options import finite_seconds
 __all__ = [
     "check_ping_timeout",
     "diagnose",
+    "driver_reason",
     "explain",
     "scrub",
     "sqlite_cannot_open",
@@ -104,6 +107,8 @@ def explain(url: URL, exc: BaseException, timeout: float | None) -> str:
     ``timeout`` is the seconds the caller waited, named when ``exc`` is a
     ``TimeoutError``.
     """
+    if isinstance(exc, DatabaseUnavailableError):
+        return str(exc)  # worded already (a connect that failed inside the engine)
     diagnosis = diagnose(url, exc)
     if diagnosis is not None:
         return diagnosis
@@ -112,11 +117,8 @@ def explain(url: URL, exc: BaseException, timeout: float | None) -> str:
         within = "in time" if timeout is None else f"within {timeout:g}s"
         return f"cannot reach the database at {where} (no answer {within}); " + _NETWORK_ADVICE
     original = _original(exc)
-    text = scrub(str(original).strip(), url)
-    first_line = text.splitlines()[0] if text else ""
-    name = type(original).__name__
-    reason = f"{name}: {first_line}" if first_line else name
-    if isinstance(original, OSError) or _NETWORK_FAILURE.search(text):
+    reason = driver_reason(url, exc)
+    if isinstance(original, OSError) or _NETWORK_FAILURE.search(scrub(str(original), url)):
         return f"cannot reach the database at {where} ({reason}); " + _NETWORK_ADVICE
     look = "the path and the file" if dialects.is_sqlite(url) else "the URL and the server's log"
     return f"connecting to the database at {where} failed ({reason}); check {look}"
@@ -138,6 +140,22 @@ def diagnose(url: URL, exc: BaseException) -> str | None:
         name = found["name"] if found else getattr(url, refusal.url_part) or ""
         return f"the server at {mask_url(url)} answered, but " + refusal.advice.format(name=name)
     return None
+
+
+def driver_reason(url: URL, exc: BaseException) -> str:
+    """``Name: first line`` of the driver's error inside ``exc``, without the password.
+
+    SQLAlchemy's asyncio adapters re-raise the driver's exception as a DBAPI class of
+    their own (``AsyncAdapt_asyncpg_dbapi.Error``): the driver's, its cause, is named.
+    """
+    original = _original(exc)
+    cause = original.__cause__
+    if type(original).__module__.startswith("sqlalchemy.") and cause is not None:
+        original = cause
+    text = scrub(str(original).strip(), url)
+    first_line = text.splitlines()[0] if text else ""
+    name = type(original).__name__
+    return f"{name}: {first_line}" if first_line else name
 
 
 def sqlite_cannot_open(url: URL) -> str:

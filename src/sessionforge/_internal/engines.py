@@ -9,6 +9,10 @@ checkout only when it sat idle in the pool for longer than ``ping_after`` second
 busy pool pays nothing, and a connection that failed its ping is replaced before the
 caller sees it (SQLAlchemy retries the checkout with a fresh connection).
 
+Connection-class failures (refused, reset, terminated, a standby where the primary was)
+reach callers as ``DatabaseUnavailableError``, a COMMIT lost in flight as
+``AmbiguousCommitError`` (``disconnects.install``, on every engine built here).
+
 An invalidated connection gets ``INVALIDATION_GRACE`` seconds to close gracefully
 (asyncpg: deliver a pending cancel request, say goodbye), then is dropped: a hung
 server must not hold up the caller, nor ``begin(timeout=)`` miss its deadline (issue 11).
@@ -31,6 +35,7 @@ from sessionforge.config import OPTIONS, FactoryConfig
 from sessionforge.dialects import postgresql, sqlite
 from sessionforge.errors import ConfigurationError
 
+from . import disconnects
 from . import sqla as _sqla
 from .diagnosis import scrub
 from .urls import mask_url
@@ -109,6 +114,9 @@ def _engine_error(url: URL, exc: Exception) -> ConfigurationError:
     )
 
 
+# Connect-timeout spellings of asyncpg and libpq, as a URL's query may carry them.
+_URL_TIMEOUTS: Final = frozenset({"timeout", "connect_timeout"})
+
 # The engine options passed to create_engine() under their own names.
 _ENGINE_ARGUMENTS: Final = tuple(
     (name, spec.engine_argument)
@@ -135,6 +143,10 @@ def engine_kwargs(config: FactoryConfig, url: URL, *, is_async: bool) -> dict[st
             connect_args,
             application_name=config.application_name,
             pgbouncer=config.pgbouncer,
+            # A timeout written in the URL's query wins too (connect_args would not).
+            connect_timeout=(
+                None if _URL_TIMEOUTS.intersection(url.query) else config.connect_timeout
+            ),
         )
     if sqlite.is_sqlite(url):
         sqlite.engine_arguments(url, kwargs, connect_args, is_async=is_async)
@@ -170,6 +182,8 @@ def _prepare(engine: Engine, config: FactoryConfig) -> None:
     if config.ping_after is not None and dialects.needs_liveness_check(engine.url):
         install_liveness_policy(engine, config.ping_after)
     install_invalidation_grace(engine)
+    if not sqlite.is_sqlite(engine.url):  # a file has no connection to lose
+        disconnects.install(engine)  # last: its handle_error sees what the presets left
 
 
 def install_invalidation_grace(engine: Engine, grace: float = INVALIDATION_GRACE) -> None:

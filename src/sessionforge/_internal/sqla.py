@@ -81,15 +81,27 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     ``SoftClosingCursor`` here, as a no-op: they hold nothing to close. Sections 11-13
     are exercised by ``tests/test_sqlite_driver.py`` (and the whole suite with
     ``SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge``).
+14. Connect failures as ``DatabaseUnavailableError`` (``_internal/disconnects.py``).
+    asyncpg's connect raises a raw ``OSError`` (refused, reset) or ``TimeoutError``,
+    which SQLAlchemy does not wrap and which never reaches the ``handle_error`` event
+    (``Connection.__init__`` hands only DBAPI errors to
+    ``_handle_dbapi_exception_noconnection``), so no event sees it. The pool's creator
+    that ``create_engine`` builds (``engine/create.py``) runs the ``do_connect``
+    listeners, then looks ``dialect.connect`` up on the dialect *instance* at each call;
+    ``wrap_connect`` sets an instance attribute there that calls the dialect's own
+    ``connect`` and rewords what it raises. Users' ``do_connect`` listeners (and one
+    that returns a connection of its own) keep working, and each engine has its own
+    dialect instance. Tested by ``test_refused_connect_*`` in ``tests/test_disconnects.py``.
 
 If a SQLAlchemy upgrade breaks any of these, the tests ``test_events_*``,
 ``test_missing_driver_*``, ``test_postgres_liveness_ping_*`` and ``test_deadline_*``
-fail first.
+fail first (``test_refused_connect_*`` for 14).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -118,6 +130,7 @@ __all__ = [
     "replace_driver",
     "server_side_cursor",
     "sqlite_pool_class",
+    "wrap_connect",
 ]
 
 #: Attribute a factory sets to the ``Session`` subclass its events belong to.
@@ -153,6 +166,17 @@ for _name in _session_event_names():
     _registrars: Any = event_base._registrars[_name]
     _registrars.remove(_FactorySessionEvents)
     _registrars.insert(0, _FactorySessionEvents)
+
+
+def wrap_connect(
+    dialect: Dialect, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> None:
+    """Have ``dialect``'s engine open connections through ``wrapper(dialect.connect)``.
+
+    See 14. above.
+    """
+    connect: Any = wrapper(dialect.connect)
+    dialect.connect = connect  # type: ignore[method-assign]
 
 
 def all_sessions() -> list[Session]:

@@ -19,7 +19,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, SessionTransaction
 
 from sessionforge import dialects
-from sessionforge.errors import ConfigurationError, NestedTransactionError, RetryExhaustedError
+from sessionforge.errors import (
+    AmbiguousCommitError,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    NestedTransactionError,
+    RetryExhaustedError,
+)
 
 from .options import finite_seconds, shown_value
 
@@ -225,23 +231,48 @@ class RetryPolicy:
         if attempt > self.retries:
             raise RetryExhaustedError(
                 f"the transaction failed {attempt} times on retryable errors (the last: "
-                f"{type(exc).__name__}); raise retries= or reduce contention",
+                f"{type(exc).__name__}); "
+                + (
+                    "the database stayed unreachable: check it, or raise retries="
+                    if isinstance(exc, DatabaseUnavailableError)
+                    else "raise retries= or reduce contention"
+                ),
                 last_error=exc,
                 attempts=attempt,
             ) from exc
         return True
 
     def is_retryable(self, exc: BaseException) -> bool:
+        """``retry_if``'s verdict, else conflicts and connections lost before COMMIT.
+
+        A ``DatabaseUnavailableError`` means the server rolled the transaction back
+        (the connection was lost before its COMMIT was sent), so it is re-run; an
+        ``AmbiguousCommitError`` (lost while the COMMIT was in flight) never is.
+        """
         if self.retry_if is not None:
             verdict = self.retry_if(exc)
             if verdict is not None:
                 return bool(verdict)
-        return dialects.is_retryable(exc)
+        return dialects.is_retryable(exc) or _lost_before_commit(exc)
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff before re-run number ``attempt`` (1-based)."""
         # The exponent is capped: 2 ** 1024 no longer converts to a float.
         return random.uniform(0, min(MAX_BACKOFF, self.backoff * 2 ** min(attempt - 1, 64)))
+
+
+def _lost_before_commit(exc: BaseException) -> bool:
+    """``exc`` is, or was raised from, a ``DatabaseUnavailableError`` and no COMMIT was lost."""
+    unavailable = False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, AmbiguousCommitError):
+            return False
+        unavailable = unavailable or isinstance(current, DatabaseUnavailableError)
+        current = current.__cause__
+    return unavailable
 
 
 @contextmanager

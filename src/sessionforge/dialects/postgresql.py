@@ -71,8 +71,20 @@ def connect_args(
     *,
     application_name: str | None,
     pgbouncer: bool,
+    connect_timeout: float | None = None,
 ) -> dict[str, Any]:
-    """``given`` connect arguments with the presets added (what the user set wins)."""
+    """``given`` connect arguments with the presets added (what the user set wins).
+
+    ``connect_timeout`` bounds each connection attempt: asyncpg's ``timeout=`` (its own
+    default is 60 s; with several hosts it is the budget for all of them), libpq's
+    ``connect_timeout`` for psycopg, in whole seconds per host, rounded up (libpq and
+    psycopg treat anything under 2 as 2). ``None`` leaves the driver's own.
+    """
+    if connect_timeout is not None:
+        if driver == "asyncpg":
+            given.setdefault("timeout", connect_timeout)
+        elif driver in _LIBPQ_LIKE and driver != "pg8000":
+            given.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
     if driver == "asyncpg":
         if application_name is not None:
             settings = dict(given.get("server_settings") or {})
@@ -289,6 +301,10 @@ def install_reader_autocommit_reset(engine: Engine) -> None:
     """
 
     def end_reader(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        if dbapi_connection is None:  # invalidated: nothing left to switch back
+            record.info.pop(_READER_AUTOCOMMIT, None)
+            record.info.pop(_READER_READ_ONLY, None)
+            return
         if record.info.pop(_READER_AUTOCOMMIT, False):
             dbapi_connection.autocommit = False
         if record.info.pop(_READER_READ_ONLY, False):
