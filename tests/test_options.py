@@ -20,6 +20,7 @@ from sessionforge import SessionFactory
 from sessionforge._internal import sqla
 from sessionforge._internal.engines import build_async_engine, build_sync_engine, engine_kwargs
 from sessionforge._internal.stats import report_leak
+from sessionforge._internal.twin import core_of
 from sessionforge.config import OPTIONS, FactoryConfig, FactoryOptions, SyncFactoryOptions
 from sessionforge.dialects import display_name
 from sessionforge.errors import ConfigurationError
@@ -154,6 +155,24 @@ def pool_figures(name: str, value: Any) -> Any:
     return figures[name]
 
 
+def write_listeners(**options: Any) -> int:
+    """``before_cursor_execute`` listeners on a factory's primary engine."""
+    db = SyncSessionFactory(PG.replace("+asyncpg", "+psycopg"), **options)
+    engine = db.engine
+    found = len(engine.dispatch.before_cursor_execute)
+    db.dispose()
+    return found
+
+
+def replica_setting(name: str, value: Any) -> Any:
+    replicas = core_of(SessionFactory(PG, replicas=[REPLICA], **{name: value})).replicas
+    assert replicas is not None
+    return {"replica_wait": replicas.wait, "replica_recheck": replicas.recheck}[name]
+
+
+REPLICA = "postgresql://app@replica1:5432/app"
+
+
 DESTINATIONS: dict[str, Callable[[Path], bool]] = {
     # engine
     "pool_size": lambda _: pool_figures("pool_size", 3) == 3,
@@ -208,6 +227,21 @@ DESTINATIONS: dict[str, Callable[[Path], bool]] = {
         sqlite_begin_statements(tmp, sqlite_begin="deferred") == ["BEGIN"]
         and sqlite_begin_statements(tmp) == ["BEGIN IMMEDIATE"]
     ),
+    "connect_timeout": lambda _: (
+        connect_args("connect_timeout", 2.5)["timeout"] == 2.5
+        and connect_args("connect_timeout", 2.5, sync=True)["connect_timeout"] == 3
+    ),
+    # routing
+    "replicas": lambda _: (
+        [r.url for r in SessionFactory(PG, replicas=[REPLICA]).status().replicas]
+        == ["postgresql+asyncpg://app@replica1:5432/app"]
+    ),
+    "read_your_writes": lambda _: (
+        write_listeners(replicas=[REPLICA], read_your_writes=False)
+        < write_listeners(replicas=[REPLICA])
+    ),
+    "replica_wait": lambda _: replica_setting("replica_wait", 0.2) == 0.2,
+    "replica_recheck": lambda _: replica_setting("replica_recheck", 1.5) == 1.5,
     # diagnostics
     "track_session_origin": lambda _: (
         "it was made at" in leak_message(track_session_origin=True)

@@ -460,13 +460,16 @@ def test_replica_urls_are_masked_and_take_the_primarys_driver(cluster: Replicate
 # across requests: the ASGI integration --------------------------------------------------
 
 
-def make_app(db: SessionFactory[AsyncSession], table: str, **middleware: Any) -> Any:
+def make_app(
+    db: SessionFactory[AsyncSession], table: str, *, middleware: bool = True, **options: Any
+) -> Any:
     from fastapi import Depends, FastAPI
 
     from sessionforge.asgi import SessionMiddleware
 
     app = FastAPI()
-    app.add_middleware(SessionMiddleware, factory=db, **middleware)
+    if middleware:
+        app.add_middleware(SessionMiddleware, factory=db, **options)
     reader = db.dependency(readonly=True)
 
     @app.post("/rows/{row}")
@@ -516,6 +519,13 @@ async def test_a_client_that_posts_then_gets_sees_its_write_on_another_process(
             base_url="http://test",
             cookies={"sessionforge_consistency": token},
         ) as client:
+            assert (await client.get("/rows")).json() == {"rows": 1, "replica": False}
+        dependency_only = make_app(second, table, middleware=False)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=dependency_only),
+            base_url="http://test",
+            cookies={"sessionforge_consistency": token},
+        ) as client:  # db.dependency() alone reads the cookie too
             assert (await client.get("/rows")).json() == {"rows": 1, "replica": False}
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=other), base_url="http://test"

@@ -336,8 +336,10 @@ def make_dependency(
         )
         session = request.get()
         token = current.set(session)
+        consistency = None
         if replicas is not None:  # the client's token, for the request's reads
-            replicas.current.set(_incoming(connection.scope, CONSISTENCY_COOKIE, replicas))
+            incoming = _incoming(connection.scope, CONSISTENCY_COOKIE, replicas)
+            consistency = replicas.current.set(incoming)
 
         async def end(exc_type: object, exc: object, tb: object) -> bool:
             try:
@@ -347,6 +349,9 @@ def make_dependency(
                     await request.abort()
             finally:
                 current.reset(token)
+                if consistency is not None:
+                    assert replicas is not None
+                    replicas.current.reset(consistency)
             return False  # the endpoint's exception goes on to the app's handlers
 
         exits.push_async_exit(end)
