@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import textwrap
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -539,3 +541,32 @@ async def test_a_client_that_posts_then_gets_sees_its_write_on_another_process(
     finally:
         await first.dispose()
         await second.dispose()
+
+
+async def test_the_example_shows_a_naive_router_read_stale_data(cluster: Replicated) -> None:
+    example = Path(__file__).parent.parent / "examples" / "read_your_writes.py"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "error",
+        str(example),
+        cluster.primary.url,
+        *(r.url for r in cluster.replicas),
+        "--writes",
+        "10",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[1].startswith("naive router:   0 of 10 writes visible (10 reads by a replica)")
+    assert lines[2] == "sessionforge:  10 of 10 writes visible (0 by a replica, 10 by the primary)"
+    *_, last = lines
+    seen, served = re.match(
+        r"sessionforge:  (\d+) of 10 writes visible \((\d+) by a replica", last
+    ).groups()  # type: ignore[union-attr]
+    assert seen == "10"
+    assert int(served) > 0
+    for replica in cluster.replicas:  # the example resumed replay
+        assert replica.scalar("SELECT pg_is_wal_replay_paused()") == "f"
