@@ -56,6 +56,7 @@ __all__ = [
     "Replicated",
     "Topology",
     "missing_binaries",
+    "multi_host_url",
     "private_postgres",
     "replicated_postgres",
     "spellings",
@@ -638,6 +639,26 @@ def _wait_for(server: PostgresServer, query: str, expected: str, timeout: float)
                 f"{server.name}: {query} returned {value!r}, not {expected!r}, after {timeout} s"
             )
         time.sleep(POLL_INTERVAL)
+
+
+def multi_host_url(
+    *servers: PostgresServer,
+    driver: str = "postgresql+asyncpg",
+    target_session_attrs: str = "read-write",
+    comma_form: bool = True,
+) -> str:
+    """A URL listing ``servers`` (the ``postgres`` database and user), for failover.
+
+    libpq's comma form (``h1:p1,h2:p2``, which sessionforge accepts) or, with
+    ``comma_form=False``, SQLAlchemy's ``?host=h1:p1&host=h2:p2`` (what plain
+    SQLAlchemy understands).
+    """
+    hosts = [f"127.0.0.1:{server.port}" for server in servers]
+    attrs = f"target_session_attrs={target_session_attrs}"
+    if comma_form:
+        return f"{driver}://{OS_USER}@{','.join(hosts)}/postgres?{attrs}"
+    listed = "&".join(f"host={host}" for host in hosts)
+    return f"{driver}://{OS_USER}@/postgres?{listed}&{attrs}"
 
 
 @contextlib.contextmanager
