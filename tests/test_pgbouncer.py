@@ -3,9 +3,11 @@
 A private PgBouncer (``tests/poolers.py``) sits in front of the shared test database with
 fewer server connections than the clients have, so consecutive transactions of one
 client land on different server connections. Each scenario runs many concurrent
-transactions or reads and counts the errors: 0 with the preset, in both twins; without
-it, SQLAlchemy's defaults fail (their prepared statements stay on one server
-connection).
+transactions or reads and counts the errors: 0 with the preset — ``begin()``,
+``begin(readonly=True)``, ``reader()`` and ``run_transaction`` with conflicts, on
+asyncpg and on async psycopg, and the sync twin (psycopg) in threads; without it,
+SQLAlchemy's defaults fail on both drivers (their prepared statements stay on one server
+connection), so the 0 means something.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import create_engine, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, ResourceClosedError
 from sqlalchemy.pool import NullPool
 
 from sessionforge import SessionFactory
@@ -30,6 +32,15 @@ pytestmark = pytest.mark.postgres
 
 TASKS = 10
 ROUNDS = 30
+
+#: What a client without the preset sees: the driver's errors ("prepared statement ... does
+#: not exist" on asyncpg; "... already exists" and "... does not exist" on psycopg) and,
+#: on psycopg, ResourceClosedError: a name its connection prepared for a SELECT named
+#: another client's UPDATE on the server connection PgBouncer gave it, and that ran.
+UNPREPARED = (DBAPIError, ResourceClosedError)
+
+#: The async drivers, each with the preset's own connect arguments (dialects/postgresql.py).
+DRIVERS = [pytest.param("asyncpg", id="asyncpg"), pytest.param("psycopg", id="psycopg")]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +65,21 @@ def tables(prefix: str) -> Iterator[Models]:
     engine.dispose()
 
 
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture
 async def through(bouncer: PgBouncer) -> AsyncIterator[Any]:
-    """Factories on the database through PgBouncer; disposed after the test."""
+    """Factories on the database through PgBouncer (asyncpg unless ``driver=``); disposed
+    after the test, both twins."""
     made: list[SessionFactory[Any]] = []
 
-    def make(**options: Any) -> SessionFactory[Any]:
+    def make(driver: str = "asyncpg", **options: Any) -> SessionFactory[Any]:
         factory: SessionFactory[Any] = SessionFactory(
-            bouncer.url(), pool_size=TASKS, max_overflow=0, **options
+            bouncer.url(driver), pool_size=TASKS, max_overflow=0, **options
         )
         made.append(factory)
         return factory
@@ -69,6 +87,7 @@ async def through(bouncer: PgBouncer) -> AsyncIterator[Any]:
     yield make
     for factory in made:
         await factory.dispose()
+        factory.sync.dispose()
 
 
 async def gather_errors(work: Any) -> list[BaseException]:
@@ -96,8 +115,10 @@ def counter_value(models: Models) -> int:
         engine.dispose()
 
 
-async def test_begin_transactions_have_no_errors(through: Any, tables: Models) -> None:
-    db = through(pgbouncer=True)
+async def test_begin_transactions_have_no_errors(
+    through: Any, tables: Models, driver: str
+) -> None:
+    db = through(driver, pgbouncer=True)
     counter = tables.Counter
 
     async def increment() -> None:
@@ -110,8 +131,8 @@ async def test_begin_transactions_have_no_errors(through: Any, tables: Models) -
     assert counter_value(tables) == TASKS * ROUNDS
 
 
-async def test_reader_reads_have_no_errors(through: Any, tables: Models) -> None:
-    db = through(pgbouncer=True)
+async def test_reader_reads_have_no_errors(through: Any, tables: Models, driver: str) -> None:
+    db = through(driver, pgbouncer=True)
     names: list[list[str]] = []
 
     async def read() -> None:
@@ -122,7 +143,13 @@ async def test_reader_reads_have_no_errors(through: Any, tables: Models) -> None
     errors = await gather_errors(read)
     assert errors == []
     assert names == [["item-0", "item-1", "item-2"]] * (TASKS * ROUNDS)
-    # How: a short READ ONLY transaction per reader behind the pooler, left at return.
+    assert db.status().checked_out == 0
+
+
+async def test_asyncpg_readers_run_in_a_read_only_transaction(through: Any) -> None:
+    # How asyncpg's readers pass (SQLAlchemy #12836): a short READ ONLY transaction per
+    # reader behind the pooler, left at return; psycopg needs none (one round trip).
+    db = through("asyncpg", pgbouncer=True)
     async with db.reader() as session:
         assert await session.scalar(text("SHOW transaction_read_only")) == "on"
     async with db.begin() as session:
@@ -130,8 +157,31 @@ async def test_reader_reads_have_no_errors(through: Any, tables: Models) -> None
     assert db.status().checked_out == 0
 
 
-async def test_run_transaction_retries_conflicts(through: Any, tables: Models) -> None:
-    db = through(pgbouncer=True)
+async def test_readonly_transactions_have_no_errors(
+    through: Any, tables: Models, driver: str
+) -> None:
+    db = through(driver, pgbouncer=True)
+    counts: list[int] = []
+
+    async def read() -> None:
+        async with db.begin(readonly=True) as session:
+            counts.append(len((await session.scalars(select(tables.Item.name))).all()))
+            assert await session.scalar(text("SHOW transaction_read_only")) == "on"
+
+    errors = await gather_errors(read)
+    assert errors == []
+    assert counts == [3] * (TASKS * ROUNDS)
+    # Really read-only through the pooler: the server refuses a write (25006).
+    with pytest.raises(DBAPIError, match="read-only transaction"):
+        async with db.begin(readonly=True) as session:
+            await session.execute(insert(tables.Item).values(name="refused"))
+    assert db.status().checked_out == 0
+
+
+async def test_run_transaction_retries_conflicts(
+    through: Any, tables: Models, driver: str
+) -> None:
+    db = through(driver, pgbouncer=True)
     counter = tables.Counter
 
     async def increment(session: Any) -> None:
@@ -148,11 +198,15 @@ async def test_run_transaction_retries_conflicts(through: Any, tables: Models) -
     errors = await gather_errors(work)
     assert errors == []
     assert counter_value(tables) == TASKS * ROUNDS
+    assert db.status().transactions_retried > 0  # the conflicts happened, and were retried
 
 
-async def test_sync_twin_begin_and_reader_have_no_errors(through: Any, tables: Models) -> None:
+async def test_sync_twin_begin_reader_and_readonly_have_no_errors(
+    through: Any, tables: Models
+) -> None:
     db = through(pgbouncer=True)
     sync, counter = db.sync, tables.Counter
+    assert sync.engine.dialect.driver == "psycopg"
 
     def work() -> list[BaseException]:
         errors: list[BaseException] = []
@@ -162,6 +216,8 @@ async def test_sync_twin_begin_and_reader_have_no_errors(through: Any, tables: M
                     session.execute(update(counter).values(value=counter.value + 1))
                 with sync.reader() as session:
                     assert session.scalar(select(counter.value).where(counter.id == 1)) >= 1
+                with sync.begin(readonly=True) as session:
+                    assert session.scalar(text("SHOW transaction_read_only")) == "on"
             except Exception as exc:
                 errors.append(exc)
         return errors
@@ -172,8 +228,12 @@ async def test_sync_twin_begin_and_reader_have_no_errors(through: Any, tables: M
     assert counter_value(tables) == TASKS * ROUNDS
 
 
-async def test_sqlalchemy_defaults_fail_without_the_preset(through: Any, tables: Models) -> None:
-    db = through()  # pgbouncer=False: asyncpg's and SQLAlchemy's statement caches are on
+async def test_sqlalchemy_defaults_fail_without_the_preset(
+    through: Any, tables: Models, driver: str
+) -> None:
+    # pgbouncer=False: asyncpg's and SQLAlchemy's statement caches are on; psycopg
+    # prepares a statement it has run prepare_threshold (5) times on a connection.
+    db = through(driver)
     counter = tables.Counter
 
     async def increment() -> None:
@@ -183,5 +243,27 @@ async def test_sqlalchemy_defaults_fail_without_the_preset(through: Any, tables:
 
     errors = await gather_errors(increment)
     assert errors, "expected prepared-statement errors behind PgBouncer without the preset"
-    assert all(isinstance(error, DBAPIError) for error in errors)
+    assert all(isinstance(error, UNPREPARED) for error in errors)
+    assert any("prepared statement" in str(error) for error in errors)
+
+
+async def test_sync_twin_defaults_fail_without_the_preset(through: Any, tables: Models) -> None:
+    db = through()  # pgbouncer=False; the sync twin is psycopg, which prepares by default
+    sync, counter = db.sync, tables.Counter
+
+    def work() -> list[BaseException]:
+        errors: list[BaseException] = []
+        for _ in range(ROUNDS):
+            try:
+                with sync.begin() as session:
+                    session.scalar(select(counter.value).where(counter.id == 1))
+                    session.execute(update(counter).values(value=counter.value + 1))
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
+    with ThreadPoolExecutor(TASKS) as pool:
+        errors = [error for done in pool.map(lambda _: work(), range(TASKS)) for error in done]
+    assert errors, "expected prepared-statement errors behind PgBouncer without the preset"
+    assert all(isinstance(error, UNPREPARED) for error in errors)
     assert any("prepared statement" in str(error) for error in errors)
