@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -43,7 +42,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._internal.cancellation import end_and_close
 from ._internal.context import Deferred
-from ._internal.replicas import Consistency, Replicas
+from ._internal.cookies import CONSISTENCY_COOKIE as CONSISTENCY_COOKIE
+from ._internal.cookies import incoming_consistency, is_cookie_name, with_cookie
+from ._internal.replicas import Replicas
 from ._internal.routing import carry_consistency
 from ._internal.session import retire
 from ._internal.twin import core_of
@@ -59,10 +60,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CONSISTENCY_COOKIE", "CommitMode", "Lifespan", "SessionMiddleware"]
 
-#: The cookie that carries a client's consistency token between requests.
-CONSISTENCY_COOKIE: Final = "sessionforge_consistency"
-#: How long a client keeps it: replicas are expected to catch up well within this.
-CONSISTENCY_COOKIE_MAX_AGE: Final = 300
 
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -215,7 +212,7 @@ class SessionMiddleware:
         consistency_cookie: str | None = CONSISTENCY_COOKIE,
     ) -> None:
         check_commit_mode(commit, MIDDLEWARE_MODES, "SessionMiddleware")
-        if consistency_cookie is not None and not _COOKIE_NAME.match(consistency_cookie):
+        if consistency_cookie is not None and not is_cookie_name(consistency_cookie):
             raise ConfigurationError(
                 f"SessionMiddleware: consistency_cookie={consistency_cookie!r} is not a "
                 "cookie name (letters, digits, '_' and '-'); or None to send no cookie"
@@ -253,7 +250,7 @@ class SessionMiddleware:
         replicas = self._replicas
         consistency = None
         if replicas is not None:
-            consistency = replicas.current.set(_incoming(scope, self._cookie, replicas))
+            consistency = replicas.current.set(incoming_consistency(scope, self._cookie, replicas))
         given = None if replicas is None else replicas.current.get()
 
         async def send_after_ending(message: Message) -> None:
@@ -268,7 +265,7 @@ class SessionMiddleware:
                 if replicas is not None:
                     latest = replicas.current.get()
                     if latest is not None and latest is not given:
-                        message = _with_cookie(message, self._cookie, latest)
+                        message = with_cookie(message, self._cookie, latest)
             await send(message)
 
         token = self._current.set(request)
@@ -338,7 +335,7 @@ def make_dependency(
         token = current.set(session)
         consistency = None
         if replicas is not None:  # the client's token, for the request's reads
-            incoming = _incoming(connection.scope, CONSISTENCY_COOKIE, replicas)
+            incoming = incoming_consistency(connection.scope, CONSISTENCY_COOKIE, replicas)
             consistency = replicas.current.set(incoming)
 
         async def end(exc_type: object, exc: object, tb: object) -> bool:
@@ -368,34 +365,6 @@ def make_dependency(
     )
     session_dependency.__qualname__ = session_dependency.__name__ = "sessionforge_session"
     return session_dependency
-
-
-_COOKIE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _incoming(scope: Scope, name: str, replicas: Replicas) -> Consistency | None:
-    """The consistency a request's cookie ``name`` carries, newer than the context's."""
-    for key, value in scope.get("headers", ()):
-        if key != b"cookie":
-            continue
-        for part in value.decode("latin-1").split(";"):
-            cookie, _, token = part.strip().partition("=")
-            if cookie == name:
-                given = Consistency.parse(token)
-                if given is None:
-                    logger.warning("ignored a %s cookie that does not parse", name)
-                    return replicas.current.get()
-                return given.newer(replicas.current.get())
-    return replicas.current.get()
-
-
-def _with_cookie(message: Message, name: str, consistency: Consistency) -> Message:
-    cookie = (
-        f"{name}={consistency.token()}; Max-Age={CONSISTENCY_COOKIE_MAX_AGE}; Path=/; "
-        "HttpOnly; SameSite=Lax"
-    )
-    headers = [*message.get("headers", ()), (b"set-cookie", cookie.encode("latin-1"))]
-    return {**message, "headers": headers}
 
 
 # FastAPI internals, in this one place (written against FastAPI 0.121-0.165).

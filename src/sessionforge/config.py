@@ -16,15 +16,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal, TypedDict, Unpack
+from collections.abc import Mapping
+from typing import Any, Final, Literal, Unpack
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.session import JoinTransactionMode
 
 from . import dialects
+from ._internal.arguments import FactoryArguments as FactoryArguments
+from ._internal.arguments import FactoryOptions as FactoryOptions
+from ._internal.arguments import SyncFactoryArguments as SyncFactoryArguments
+from ._internal.arguments import SyncFactoryOptions as SyncFactoryOptions
 from ._internal.options import (
     DEFAULT_PING_AFTER,
     Option,
@@ -57,64 +60,6 @@ __all__ = ["DEFAULT_URL", "FactoryConfig", "FactoryOptions", "SyncFactoryOptions
 
 #: The embedded default: a SQLite file in the working directory.
 DEFAULT_URL: Final = "sqlite+aiosqlite:///sessionforge.db"
-
-
-class _CommonOptions(TypedDict, total=False):
-    pool_size: int | None
-    max_overflow: int | None
-    pool_timeout: float | None
-    pool_recycle: int | None
-    pool_use_lifo: bool
-    echo: bool | Literal["debug"]
-    isolation_level: str | None
-    connect_args: Mapping[str, Any]
-    sync_connect_args: Mapping[str, Any]
-    engine_options: Mapping[str, Any]
-    autoflush: bool
-    expire_on_commit: bool
-    info: Mapping[Any, Any] | None
-    session_options: Mapping[str, Any]
-    ping_after: float | None
-    pgbouncer: bool
-    application_name: str | None
-    sqlite_journal_mode: str | None
-    sqlite_synchronous: str | None
-    sqlite_busy_timeout: float
-    sqlite_foreign_keys: bool | None
-    sqlite_begin: Literal["immediate", "deferred"]
-    track_session_origin: bool
-    replicas: Sequence[str | URL]
-    read_your_writes: bool
-    replica_wait: float
-    replica_recheck: float
-    connect_timeout: float | None
-
-
-class FactoryOptions(_CommonOptions, total=False):
-    """The options ``SessionFactory(url, **options)`` accepts, besides ``class_``."""
-
-    sync_class_: type[Session] | None
-
-
-class SyncFactoryOptions(_CommonOptions, total=False):
-    """The options ``SyncSessionFactory(url, **options)`` accepts, besides ``sync_class_``."""
-
-    class_: type[AsyncSession]
-
-
-class _TargetOptions(TypedDict, total=False):
-    # Kept by the factory, not the config: engines and factories per mapped class/table.
-    binds: Mapping[Any, Any] | None
-    # A session argument, moved into session_options (common with a connection target).
-    join_transaction_mode: JoinTransactionMode
-
-
-class FactoryArguments(FactoryOptions, _TargetOptions, total=False):
-    """``SessionFactory(target, **options)``: ``FactoryOptions`` plus ``binds``."""
-
-
-class SyncFactoryArguments(SyncFactoryOptions, _TargetOptions, total=False):
-    """``SyncSessionFactory(target, **options)``: ``SyncFactoryOptions`` plus ``binds``."""
 
 
 # Checks shared by several options, or too long for one line.

@@ -68,11 +68,8 @@ class SessionFactory(TwinBase, Generic[_AS]):
 
         async with db.begin() as session:
             session.add(User(name="ada"))
-
         async with db() as session:
             users = (await session.scalars(select(User))).all()
-
-        await db.dispose()
     """
 
     _twin = "async"
@@ -143,8 +140,8 @@ class SessionFactory(TwinBase, Generic[_AS]):
         PostgreSQL settings (``set_config(name, value, true)``, values bound).
         """
         options = self._begin_options(isolation_level, readonly, timeout, settings, overrides)
-        make = functools.partial(self._session, options, overrides)
-        return AsyncBeginContext(make, options, self._core.replicas)
+        make, replicas = functools.partial(self._session, options, overrides), self._core.replicas
+        return AsyncBeginContext(make, options, replicas)
 
     def reader(self, **overrides: Any) -> _AS:
         """A session for reads only, on an AUTOCOMMIT connection from the same pool.
@@ -154,7 +151,8 @@ class SessionFactory(TwinBase, Generic[_AS]):
         for reads that must agree). ORM changes and ``insert``/``update``/``delete``
         raise ``ReadOnlySessionError``; text SQL is not inspected. The connection goes
         back to the pool in its normal transactional mode. ``async with db.reader() as
-        session:`` closes it at exit.
+        session:`` closes it at exit. With ``replicas=``, a replica that has this
+        context's writes serves it (README, "Read replicas").
         """
         core = self._core
         options, reader_class, _ = core.reader()

@@ -193,11 +193,9 @@ def _wake(session: AsyncHookMethods) -> None:
 
 
 def _pool_timeout(sync: Session) -> float:
-    """The ``pool_timeout`` of the engine the session uses (by default: QueuePool's).
+    """The ``pool_timeout`` of the engine the session uses (default: QueuePool's).
 
-    The engine its transaction connected to, else its bind: not ``get_bind()``, which
-    for a session routed to replicas would choose one.
-    """
+    Not ``get_bind()`` first: a session routed to replicas would choose one there."""
     try:
         engine = sync._sessionforge_state.engine or sync.get_bind()  # type: ignore[attr-defined]
         timeout = getattr(engine.engine.pool, "timeout", None)
@@ -415,10 +413,8 @@ def make_session_classes(
     counters: stats.FactoryStats,
     replicas: Replicas | None = None,
 ) -> tuple[type[_AS], type[Session]]:
-    """Return fresh (async, sync) subclasses for one factory's sessions.
-
-    With ``replicas``, the sync class also routes (``routing.py``).
-    """
+    """Return fresh (async, sync) subclasses for one factory's sessions (with
+    ``replicas``, the sync class also routes: ``routing.py``)."""
     sync_base: type[Session] = sync_class_ or class_.sync_session_class
     for given, mixin in ((class_, AsyncHookMethods), (sync_base, SyncHookMethods)):
         if issubclass(given, mixin):
@@ -427,12 +423,9 @@ def make_session_classes(
                 "new factory the class that factory was given (db.config.class_ / "
                 "db.config.sync_class_), or a subclass of it"
             )
-    mixins: tuple[type, ...] = (SyncHookMethods,)
-    if replicas is not None:
-        mixins = (routing.RoutedMethods, SyncHookMethods)
-    sync_class = type(
-        sync_base.__name__, (*mixins, sync_base), {"__module__": sync_base.__module__}
-    )
+    routed = () if replicas is None else (routing.RoutedMethods,)
+    bases = (*routed, SyncHookMethods, sync_base)
+    sync_class = type(sync_base.__name__, bases, {"__module__": sync_base.__module__})
     # SyncHookMethods.__init__ takes (*args, **kwargs): show the given class's signature.
     sync_class.__signature__ = inspect.signature(sync_base)  # type: ignore[attr-defined]
     hooks.install(sync_class)
