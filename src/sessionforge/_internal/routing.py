@@ -123,7 +123,7 @@ def reroutable(exc: BaseException) -> bool:
     return bool(getattr(exc, "connection_invalidated", False))
 
 
-class RoutedMethods:
+class RoutedMethods(_sqla.RerouteOnConnect):
     """``get_bind()`` and connection setup of a factory with replicas (module docstring)."""
 
     _sessionforge_state: SessionState
@@ -136,19 +136,12 @@ class RoutedMethods:
                 return engine
         return super().get_bind(mapper, *args, **kwargs)  # type: ignore[misc]
 
-    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
-        # SQLAlchemy 2.1.9's Session._connection_for_bind (private; see sqla.py, 14):
-        # where every transaction of a session gets its connection, also for flushes.
+    def _sessionforge_reroute(self, engine: Any, exc: Exception) -> Any:
+        """The engine to try after ``engine`` could not connect (or re-raise ``exc``)."""
         route = self._sessionforge_state.route
-        while True:
-            try:
-                return super()._connection_for_bind(  # type: ignore[misc]
-                    engine, execution_options, **kw
-                )
-            except Exception as exc:
-                if route is None:
-                    raise
-                engine = route.reroute(engine, exc) or super().get_bind()  # type: ignore[misc]
+        if route is None:
+            raise exc
+        return route.reroute(engine, exc) or super().get_bind()  # type: ignore[misc]
 
 
 def install_routing(session_class: type[Session], replicas: Replicas) -> None:

@@ -92,10 +92,20 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     ``connect`` and rewords what it raises. Users' ``do_connect`` listeners (and one
     that returns a connection of its own) keep working, and each engine has its own
     dialect instance. Tested by ``test_refused_connect_*`` in ``tests/test_disconnects.py``.
+15. Rerouting a session's connection (``_internal/routing.py``). A session routed to a
+    replica chooses it in ``get_bind()`` (public), but a replica whose connection
+    cannot be made must be swapped for another before the session's first statement.
+    Every transaction of a session gets its connection from
+    ``Session._connection_for_bind(engine, execution_options)`` (``orm/session.py``:
+    ``execute``, ``connection()``, flushes); ``RerouteOnConnect`` overrides it in the
+    routed sync session class to ask ``_sessionforge_reroute(engine, exc)`` for another
+    engine when it raises, and calls it again. Tested by
+    ``test_a_stopped_replica_is_skipped_and_used_again_once_back`` and
+    ``test_with_every_replica_down_reads_go_to_the_primary`` (``tests/test_replicas.py``).
 
 If a SQLAlchemy upgrade breaks any of these, the tests ``test_events_*``,
 ``test_missing_driver_*``, ``test_postgres_liveness_ping_*`` and ``test_deadline_*``
-fail first (``test_refused_connect_*`` for 14).
+fail first (``test_refused_connect_*`` for 14, ``tests/test_replicas.py`` for 15).
 """
 
 from __future__ import annotations
@@ -278,3 +288,19 @@ class SoftClosingCursor:
 
     async def _async_soft_close(self) -> None:
         """SQLAlchemy's asyncio results call this; the cursor holds nothing to close."""
+
+
+class RerouteOnConnect:
+    """A ``Session`` mixin: a failed connect asks for another engine (section 15)."""
+
+    def _sessionforge_reroute(self, engine: Any, exc: Exception) -> Any:
+        raise exc  # overridden by routing.RoutedMethods
+
+    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
+        while True:
+            try:
+                return super()._connection_for_bind(  # type: ignore[misc]
+                    engine, execution_options, **kw
+                )
+            except Exception as exc:
+                engine = self._sessionforge_reroute(engine, exc)
