@@ -23,6 +23,7 @@ EXPECTED = [
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",
+    "ReplicaStatus",
     "RetryExhaustedError",
     "SessionClosedError",
     "SessionFactory",

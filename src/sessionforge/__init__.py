@@ -9,6 +9,7 @@ from . import errors as errors
 from ._internal import sqla as _sqla  # noqa: F401 (registers event routing for factories)
 from ._internal.core import FactoryStatus as FactoryStatus
 from ._internal.engines import EngineStatus as EngineStatus
+from ._internal.replicas import ReplicaStatus as ReplicaStatus
 from .config import DEFAULT_URL as DEFAULT_URL
 from .config import FactoryConfig as FactoryConfig
 from .config import FactoryOptions as FactoryOptions
@@ -49,6 +50,7 @@ __all__ = [
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",
+    "ReplicaStatus",
     "RetryExhaustedError",
     "SessionClosedError",
     "SessionFactory",
