@@ -427,6 +427,42 @@ async def test_with_every_replica_down_reads_go_to_the_primary(
         await db.dispose()
 
 
+async def test_a_replica_lost_during_a_statement_is_the_callers_error_and_is_marked(
+    cluster: Replicated, table: str
+) -> None:
+    from sessionforge.errors import DatabaseUnavailableError
+
+    db = SessionFactory(cluster.primary.url, replicas=[r.url for r in cluster.replicas])
+    try:
+        async with db.reader() as session:
+            port = (await where(session))[1]
+            lost = next(r for r in cluster.replicas if r.port == port)
+            cluster.stop(lost)
+            with pytest.raises(DatabaseUnavailableError) as raised:
+                await count(session, table)
+        assert raised.value.__cause__ is not None
+        (marked,) = [r for r in db.status().replicas if r.url.endswith(f":{port}/postgres")]
+        assert marked.healthy is False
+        for _ in range(4):  # the next reads go to the other replica, without errors
+            async with db.reader() as session:
+                assert (await where(session))[1] != port
+        assert db.status().checked_out == 0
+    finally:
+        await db.dispose()
+
+
+async def test_close_all_closes_sessions_on_replicas(
+    db: SessionFactory[AsyncSession], cluster: Replicated
+) -> None:
+    sessions = [db.reader(), db.reader(), db()]
+    for session in sessions:
+        await where(session)  # each holds a connection: two replicas' and the primary's
+    assert sum(r.checked_out for r in db.status().replicas) == 2
+    assert await db.close_all() == 3
+    assert sum(r.checked_out for r in db.status().replicas) == 0
+    assert db.status().checked_out == 0
+
+
 # configuration ------------------------------------------------------------------------
 
 

@@ -191,14 +191,19 @@ class FactoryCore(Binding, Generic[_AS]):
         """
         found: list[Any] = []
         current = self.async_engine_if_built
-        here = None if current is None else current.sync_engine
+        # By pool: an option engine (a read-only begin()'s) shares its engine's pool.
+        here = [] if current is None else [current.sync_engine.pool]
+        if self.replicas is not None:
+            here += [engine.pool for engine in self.replicas.loop_engines()]
         for session in open_sessions(self.sync_class):
             proxy = async_proxy(session)
             if twin == "sync":
                 if proxy is None:
                     found.append(session)
-            elif proxy is not None and connected_engine(session) in (None, here):
-                found.append(proxy)
+            elif proxy is not None:
+                engine = connected_engine(session)
+                if engine is None or any(engine.pool is pool for pool in here):
+                    found.append(proxy)
         return found
 
     def session_kwargs(self, overrides: Mapping[str, Any], twin: Twin) -> dict[str, Any]:

@@ -35,14 +35,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Engine, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_
@@ -60,6 +60,7 @@ __all__ = ["Consistency", "Replica", "ReplicaStatus", "Replicas"]
 logger = logging.getLogger("sessionforge.replicas")
 
 Twin = Literal["async", "sync"]
+_E = TypeVar("_E", AsyncEngine, Engine)
 
 _TOKEN: Final = re.compile(r"^sf1-([0-9a-f]{1,16})-([0-9a-f]{1,16})$")
 #: How long ``choose`` sleeps between checks while waiting for a replica: it doubles
@@ -116,11 +117,14 @@ class ReplicaStatus:
 class Replica:
     """One replica's engines and what the factory knows of it."""
 
-    def __init__(self, config: FactoryConfig) -> None:
+    def __init__(
+        self, config: FactoryConfig, lost: Callable[[Replica, BaseException], None]
+    ) -> None:
         self.config = config
         self.url: URL = config.bound_url
         self.shown = mask_url(self.url)
-        self._loop_engines = LoopEngines(lambda: _replica_engine(build_async_engine(config)))
+        self._lost = lost
+        self._loop_engines = LoopEngines(lambda: self._prepared(build_async_engine(config)))
         self._sync_engine: Engine | None = None
         self._option_engines: dict[tuple[Engine, tuple[tuple[str, Any], ...]], Engine] = {}
         self._lock = threading.Lock()
@@ -145,13 +149,40 @@ class Replica:
             bound = self._option_engines[key] = engine.execution_options(**execution_options)
         return bound
 
+    def _prepared(self, engine: _E) -> _E:
+        """A replica's engine, with two listeners more.
+
+        - A pooled connection the server closed is replaced at checkout: asyncpg
+          notices a closed socket as soon as the event loop reads it (psycopg only at
+          its next use), so a replica that stopped fails at checkout, before the
+          session's first statement, where its read can go to another server.
+        - A connection lost during a statement (a disconnect, as SQLAlchemy and
+          ``disconnects.py`` classify it) marks the replica unhealthy.
+        """
+        sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        dialect = sync.dialect
+
+        def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            driver = dialect.get_driver_connection(dbapi_connection)
+            is_closed = getattr(driver, "is_closed", None)
+            if is_closed() if callable(is_closed) else getattr(driver, "closed", False):
+                raise DisconnectionError("the server closed this pooled connection")
+
+        def on_error(context: ExceptionContext) -> None:
+            if context.is_disconnect and not context.is_pre_ping:
+                self._lost(self, context.original_exception)
+
+        event.listen(sync, "checkout", on_checkout)
+        event.listen(sync, "handle_error", on_error)
+        return engine
+
     def _sync(self) -> Engine:
         engine = self._sync_engine
         if engine is None:
             with self._lock:
                 engine = self._sync_engine
                 if engine is None:
-                    engine = self._sync_engine = _replica_engine(build_sync_engine(self.config))
+                    engine = self._sync_engine = self._prepared(build_sync_engine(self.config))
         return engine
 
     def forget_engines(self) -> tuple[AsyncEngine | None, Engine | None]:
@@ -162,6 +193,11 @@ class Replica:
             sync_engine, self._sync_engine = self._sync_engine, None
             self._option_engines.clear()
         return async_engine, sync_engine
+
+    @property
+    def loop_engine(self) -> Engine | None:
+        engine = self._loop_engines.current()
+        return None if engine is None else engine.sync_engine
 
     def checked_out(self) -> int:
         engines = [e.sync_engine for e in self._loop_engines.engines()]
@@ -182,7 +218,7 @@ class Replicas:
 
     def __init__(self, config: FactoryConfig) -> None:
         self.replicas = tuple(
-            Replica(config.replace(url=url, replicas=())) for url in config.replicas
+            Replica(config.replace(url=url, replicas=()), self.failed) for url in config.replicas
         )
         self.read_your_writes = config.read_your_writes
         self.wait = float(config.replica_wait)
@@ -372,29 +408,9 @@ class Replicas:
     def forget_engines(self) -> list[tuple[AsyncEngine | None, Engine | None]]:
         return [replica.forget_engines() for replica in self.replicas]
 
-
-_E = TypeVar("_E", AsyncEngine, Engine)
-
-
-def _replica_engine(engine: _E) -> _E:
-    """A replica's engine: a pooled connection the server closed is replaced at checkout.
-
-    asyncpg notices a closed socket as soon as the event loop reads it (psycopg only
-    at its next use): a replica that stopped then fails at checkout — before the
-    session's first statement, where its read can go to another server — instead of
-    at the statement.
-    """
-    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    dialect = sync.dialect
-
-    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        driver = dialect.get_driver_connection(dbapi_connection)
-        is_closed = getattr(driver, "is_closed", None)
-        if is_closed() if callable(is_closed) else getattr(driver, "closed", False):
-            raise DisconnectionError("the server closed this pooled connection")
-
-    event.listen(sync, "checkout", on_checkout)
-    return engine
+    def loop_engines(self) -> list[Engine]:
+        """The (sync cores of the) running loop's replica engines built so far."""
+        return [r.loop_engine for r in self.replicas if r.loop_engine is not None]
 
 
 def _peek(counter: itertools.count[int]) -> int:
