@@ -14,13 +14,14 @@ every replica engine):
   sets ``is_disconnect``, so SQLAlchemy invalidates the connection (and the pool's
   older ones: after a failover they all point at the old server). SQLAlchemy raises
   what the listener returns ``from`` the driver's error.
-- **COMMIT in flight**: the ``commit`` event (which fires before the DBAPI commit)
-  marks the connection; a connection-class failure while it is marked is an
+- **COMMIT in flight**: the dialect's ``do_commit`` is wrapped (``_sqla.wrap_commit``,
+  §14; not the ``commit`` event, whose listener would make SQLAlchemy dispatch every
+  connection event of every statement — about 100 Python calls per transaction) and
+  marks the exception it raises; a connection-class failure so marked is an
   ``AmbiguousCommitError`` — the server may have committed. A connection already known
   dead before the COMMIT is sent is not marked: the COMMIT never left, the server rolled
   the transaction back, and it is a plain ``DatabaseUnavailableError`` that
-  ``run_transaction`` re-runs. The mark is dropped at the next ``begin``/``rollback``
-  and by the error handler.
+  ``run_transaction`` re-runs.
 
 A write refused with 25006 (read-only transaction) counts as a lost connection — a
 standby where a primary was expected — except in a transaction sessionforge opened
@@ -30,6 +31,7 @@ mistake and keeps the driver's error.
 
 from __future__ import annotations
 
+import contextlib
 import select
 from collections.abc import Callable
 from typing import Any, Final
@@ -50,8 +52,8 @@ from .urls import mask_url
 
 __all__ = ["install"]
 
-#: ``Connection.info`` key: the COMMIT of this DBAPI connection's transaction was sent.
-_COMMIT_IN_FLIGHT: Final = "sessionforge_commit_in_flight"
+#: Set on the exception a DBAPI commit raised after the COMMIT may have been sent.
+_COMMIT_IN_FLIGHT: Final = "_sessionforge_commit_in_flight"
 
 #: Non-blocking reads of an idle psycopg socket before a COMMIT (see ``_known_closed``).
 _PEEKS: Final = 3
@@ -69,9 +71,8 @@ def install(engine: Engine) -> None:
         return _lost(url, context)
 
     event.listen(engine, "handle_error", on_error)
-    event.listen(engine, "commit", _commit_sent)
-    event.listen(engine, "begin", _forget_commit)
-    event.listen(engine, "rollback", _forget_commit)
+    dialect = engine.dialect
+    _sqla.wrap_commit(dialect, lambda commit: _committing(dialect, commit))
 
 
 def _connecting(url: URL, connect: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,12 +94,14 @@ def _connecting(url: URL, connect: Callable[..., Any]) -> Callable[..., Any]:
 def _lost(url: URL, context: ExceptionContext) -> BaseException | None:
     """The ``handle_error`` listener: the error to raise instead, or ``None``."""
     connection = context.connection
-    in_commit = connection is not None and _take_commit_mark(connection)
     original = context.original_exception
+    in_commit = getattr(original, _COMMIT_IN_FLIGHT, False)
     if context.is_pre_ping or not isinstance(original, Exception):
         return None  # the pool's own check; a cancellation
     if getattr(context, "chained_exception", None) is not None:
         return None  # an earlier listener decided already
+    if connection is not None and connection.invalidated:
+        return None  # dropped on purpose before (a deadline, the guard): not the server
     read_only = connection is not None and _opened_read_only(connection)
     lost = dialect_errors.is_connection_error(original, read_only_transaction=read_only) or (
         context.is_disconnect and context.sqlalchemy_exception is not None
@@ -151,25 +154,24 @@ def _opened_read_only(connection: Connection) -> bool:
     )
 
 
-def _commit_sent(connection: Connection) -> None:
-    """The ``commit`` event, before the DBAPI commit: mark it, unless it cannot leave."""
-    try:
-        proxied = connection.connection
-    except Exception:
-        return
-    if not _known_closed(proxied.driver_connection):
-        proxied.info[_COMMIT_IN_FLIGHT] = True
+def _committing(dialect: Any, commit: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``dialect.do_commit``, noting on what it raises that the COMMIT may have left.
 
+    A connection the driver already knows is gone sends nothing: its failure is not
+    marked (the server rolled the transaction back).
+    """
 
-def _take_commit_mark(connection: Connection) -> bool:
-    try:
-        return bool(connection.info.pop(_COMMIT_IN_FLIGHT, False))
-    except Exception:  # no DBAPI connection any more: nothing was marked on it
-        return False
+    def do_commit(dbapi_connection: Any) -> None:
+        sent = not _known_closed(dialect.get_driver_connection(dbapi_connection))
+        try:
+            commit(dbapi_connection)
+        except BaseException as exc:
+            if sent:
+                with contextlib.suppress(AttributeError):  # an exception with __slots__
+                    setattr(exc, _COMMIT_IN_FLIGHT, True)
+            raise
 
-
-def _forget_commit(connection: Connection) -> None:
-    _take_commit_mark(connection)
+    return do_commit
 
 
 def _known_closed(driver_connection: Any) -> bool:

@@ -92,6 +92,11 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     ``connect`` and rewords what it raises. Users' ``do_connect`` listeners (and one
     that returns a connection of its own) keep working, and each engine has its own
     dialect instance. Tested by ``test_refused_connect_*`` in ``tests/test_disconnects.py``.
+    ``wrap_commit`` does the same with ``dialect.do_commit``, which
+    ``Connection._commit_impl`` also looks up on the instance, to mark what a COMMIT
+    raises (the ``commit`` event would do, but any connection event listener makes
+    SQLAlchemy dispatch all of them on every statement). Tested by the
+    ``AmbiguousCommitError`` tests there.
 15. Rerouting a session's connection (``_internal/routing.py``). A session routed to a
     replica chooses it in ``get_bind()`` (public), but a replica whose connection
     cannot be made must be swapped for another before the session's first statement.
@@ -187,6 +192,12 @@ def wrap_connect(
     """
     connect: Any = wrapper(dialect.connect)
     dialect.connect = connect  # type: ignore[method-assign]
+
+
+def wrap_commit(dialect: Dialect, wrapper: Callable[[Callable[[Any], None]], Any]) -> None:
+    """Have ``dialect``'s connections commit through ``wrapper(dialect.do_commit)`` (14.)."""
+    commit: Any = wrapper(dialect.do_commit)
+    dialect.do_commit = commit  # type: ignore[method-assign]
 
 
 def all_sessions() -> list[Session]:
