@@ -155,13 +155,13 @@ def pool_figures(name: str, value: Any) -> Any:
     return figures[name]
 
 
-def write_listeners(**options: Any) -> int:
-    """``before_cursor_execute`` listeners on a factory's primary engine."""
+def notes_writes(**options: Any) -> bool:
+    """Whether a factory's primary engine notes writes (its dialect's execute is wrapped)."""
     db = SyncSessionFactory(PG.replace("+asyncpg", "+psycopg"), **options)
     engine = db.engine
-    found = len(engine.dispatch.before_cursor_execute)
+    wrapped = "do_execute" in vars(engine.dialect)
     db.dispose()
-    return found
+    return wrapped
 
 
 def replica_setting(name: str, value: Any) -> Any:
@@ -237,8 +237,8 @@ DESTINATIONS: dict[str, Callable[[Path], bool]] = {
         == ["postgresql+asyncpg://app@replica1:5432/app"]
     ),
     "read_your_writes": lambda _: (
-        write_listeners(replicas=[REPLICA], read_your_writes=False)
-        < write_listeners(replicas=[REPLICA])
+        notes_writes(replicas=[REPLICA])
+        and not notes_writes(replicas=[REPLICA], read_your_writes=False)
     ),
     "replica_wait": lambda _: replica_setting("replica_wait", 0.2) == 0.2,
     "replica_recheck": lambda _: replica_setting("replica_recheck", 1.5) == 1.5,

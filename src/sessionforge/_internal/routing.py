@@ -11,8 +11,8 @@ have neither and pay nothing.
   first statement) marks it unhealthy and the route chooses again: the caller sees no
   error while another replica or the primary can serve.
 - A primary session's transaction is *written* when the connection ran a statement
-  other than a plain read (``before_cursor_execute`` on the primary's engines; text SQL
-  included: see ``is_write``). After such a transaction commits, one round trip on the
+  other than a plain read (``install_write_tracking`` on the primary's engines; text
+  SQL included: see ``is_write``). After such a transaction commits, one round trip on the
   same connection gives the position (``dialects/replication.commit_position``), kept in
   the session's state and applied to the committing context — and, by
   ``carry_consistency``, to the caller's context when the COMMIT ran in a task of its
@@ -22,10 +22,11 @@ have neither and pay nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
 from sessionforge.dialects.replication import commit_position
@@ -193,20 +194,24 @@ def install_routing(session_class: type[Session], replicas: Replicas) -> None:
 
 
 def install_write_tracking(engine: Engine) -> None:
-    """Note on a primary connection that its transaction ran a write (``is_write``)."""
+    """Note on a primary connection that its transaction ran a write (``is_write``).
 
-    def before_cursor_execute(
-        connection: Connection,
-        _cursor: Any,
-        statement: str,
-        _parameters: Any,
-        _context: Any,
-        _executemany: bool,
-    ) -> None:
-        if is_write(statement):
-            connection.info[_WROTE] = True
+    Through the dialect's ``do_execute*`` (``sqla.py`` §14), not the
+    ``before_cursor_execute`` event: a connection event listener makes SQLAlchemy
+    dispatch every connection event on every statement.
+    """
 
-    event.listen(engine, "before_cursor_execute", before_cursor_execute)
+    def noting(execute: Callable[..., None]) -> Callable[..., None]:
+        def execute_noting_writes(cursor: Any, statement: str, *args: Any) -> None:
+            if is_write(statement):
+                connection = getattr(args[-1] if args else None, "root_connection", None)
+                if connection is not None:
+                    connection.info[_WROTE] = True
+            execute(cursor, statement, *args)
+
+        return execute_noting_writes
+
+    _sqla.wrap_execution(engine.dialect, noting)
 
 
 def carry_consistency(session: Session, replicas: Replicas | None) -> None:

@@ -96,7 +96,11 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     ``Connection._commit_impl`` also looks up on the instance, to mark what a COMMIT
     raises (the ``commit`` event would do, but any connection event listener makes
     SQLAlchemy dispatch all of them on every statement). Tested by the
-    ``AmbiguousCommitError`` tests there.
+    ``AmbiguousCommitError`` tests there. ``wrap_execution`` does it with the three
+    ``do_execute*`` methods, which every statement reaches (``Connection`` calls them
+    on ``self.dialect``, positionally, the execution context last), to note writes on
+    a primary with replicas (``routing.install_write_tracking``; tested by the
+    read-your-writes tests of ``tests/test_replicas.py``).
 15. Rerouting a session's connection (``_internal/routing.py``). A session routed to a
     replica chooses it in ``get_bind()`` (public), but a replica whose connection
     cannot be made must be swapped for another before the session's first statement.
@@ -198,6 +202,14 @@ def wrap_commit(dialect: Dialect, wrapper: Callable[[Callable[[Any], None]], Any
     """Have ``dialect``'s connections commit through ``wrapper(dialect.do_commit)`` (14.)."""
     commit: Any = wrapper(dialect.do_commit)
     dialect.do_commit = commit  # type: ignore[method-assign]
+
+
+def wrap_execution(dialect: Dialect, wrapper: Callable[[Callable[..., None]], Any]) -> None:
+    """Have ``dialect``'s cursors execute through ``wrapper`` (14.): ``do_execute``,
+    ``do_executemany`` and ``do_execute_no_params``, each called with the execution
+    context as its last positional argument."""
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        setattr(dialect, name, wrapper(getattr(dialect, name)))
 
 
 def all_sessions() -> list[Session]:
