@@ -50,12 +50,12 @@ from . import sqla as _sqla
 from .diagnosis import driver_reason, explain
 from .urls import mask_url
 
-__all__ = ["install"]
+__all__ = ["install", "known_closed"]
 
 #: Set on the exception a DBAPI commit raised after the COMMIT may have been sent.
 _COMMIT_IN_FLIGHT: Final = "_sessionforge_commit_in_flight"
 
-#: Non-blocking reads of an idle psycopg socket before a COMMIT (see ``_known_closed``).
+#: Non-blocking reads of an idle psycopg socket before a COMMIT (see ``known_closed``).
 _PEEKS: Final = 3
 
 # The connect argument that bounds one attempt, per driver (for the message).
@@ -162,7 +162,7 @@ def _committing(dialect: Any, commit: Callable[[Any], None]) -> Callable[[Any], 
     """
 
     def do_commit(dbapi_connection: Any) -> None:
-        sent = not _known_closed(dialect.get_driver_connection(dbapi_connection))
+        sent = not known_closed(dialect.get_driver_connection(dbapi_connection))
         try:
             commit(dbapi_connection)
         except BaseException as exc:
@@ -174,7 +174,7 @@ def _committing(dialect: Any, commit: Callable[[Any], None]) -> Callable[[Any], 
     return do_commit
 
 
-def _known_closed(driver_connection: Any) -> bool:
+def known_closed(driver_connection: Any) -> bool:
     """Whether the driver already knows its connection is gone (nothing can be sent).
 
     asyncpg reads the socket on the event loop, so a backend the server terminated is
