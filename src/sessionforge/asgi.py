@@ -151,9 +151,11 @@ class RequestSession(Deferred[_AS]):
             await end_and_close(
                 session, session.commit if commit and session.in_transaction() else None
             )
-            # The COMMIT ran in a task of its own: its position reaches the request.
-            carry_consistency(session.sync_session, self.replicas)
         finally:
+            if self.replicas is not None:
+                # The COMMIT ran in a task of its own (and may have been cut short by a
+                # cancellation after it happened): its position reaches the request.
+                carry_consistency(session.sync_session, self.replicas)
             retire(session, self._ended_message())
 
     async def abort(self) -> None:
@@ -248,10 +250,10 @@ class SessionMiddleware:
         )
         commit_error: Exception | None = None
         replicas = self._replicas
-        consistency = None
-        if replicas is not None:
-            consistency = replicas.current.set(incoming_consistency(scope, self._cookie, replicas))
-        given = None if replicas is None else replicas.current.get()
+        consistency = given = None
+        if replicas is not None:  # a holder of the request's own: its threads share it
+            given = incoming_consistency(scope, self._cookie, replicas)
+            consistency = replicas.enter(given)
 
         async def send_after_ending(message: Message) -> None:
             nonlocal commit_error
@@ -263,8 +265,8 @@ class SessionMiddleware:
                     commit_error = error  # nothing was sent: the app's error handling answers
                     raise
                 if replicas is not None:
-                    latest = replicas.current.get()
-                    if latest is not None and latest is not given:
+                    latest = replicas.value()
+                    if latest is not None and latest != given:
                         message = with_cookie(message, self._cookie, latest)
             await send(message)
 
@@ -286,7 +288,7 @@ class SessionMiddleware:
             self._current.reset(token)
             if consistency is not None:
                 assert replicas is not None
-                replicas.current.reset(consistency)
+                replicas.leave(consistency)
 
 
 def make_dependency(
@@ -336,7 +338,7 @@ def make_dependency(
         consistency = None
         if replicas is not None:  # the client's token, for the request's reads
             incoming = incoming_consistency(connection.scope, CONSISTENCY_COOKIE, replicas)
-            consistency = replicas.current.set(incoming)
+            consistency = replicas.enter(incoming)
 
         async def end(exc_type: object, exc: object, tb: object) -> bool:
             try:
@@ -348,7 +350,7 @@ def make_dependency(
                 current.reset(token)
                 if consistency is not None:
                     assert replicas is not None
-                    replicas.current.reset(consistency)
+                    replicas.leave(consistency)
             return False  # the endpoint's exception goes on to the app's handlers
 
         exits.push_async_exit(end)

@@ -107,10 +107,13 @@ class AsyncBeginContext(Generic[_AS]):
             end = self._session.invalidate
         else:
             end = functools.partial(self._transaction.__aexit__, exc_type, exc, tb)
-        await end_and_close(self._session, end)
-        if self._replicas is not None:
-            # The COMMIT ran in a task of its own: its position reaches the caller's context.
-            carry_consistency(self._session.sync_session, self._replicas)
+        try:
+            await end_and_close(self._session, end)
+        finally:
+            if self._replicas is not None:
+                # The COMMIT ran in a task of its own, and a cancellation may have cut
+                # the wait short after it happened: its position reaches the caller.
+                carry_consistency(self._session.sync_session, self._replicas)
         if timed_out:
             assert self._options is not None
             raise TransactionTimeoutError(

@@ -222,8 +222,7 @@ class Binding:
         """``forget_engines``, and the replicas' engines (async ones unless ``sync_only``)."""
         found = [self.forget_engines(sync_only=sync_only)]
         if self.replicas is not None:
-            for async_engine, sync_engine in self.replicas.forget_engines():
-                found.append((None if sync_only else async_engine, sync_engine))
+            found += self.replicas.forget_engines(sync_only=sync_only)
         return found
 
     def status(self, *, role: str) -> FactoryStatus:

@@ -35,19 +35,25 @@ def is_cookie_name(name: str) -> bool:
 
 
 def incoming_consistency(scope: Scope, name: str, replicas: Replicas) -> Consistency | None:
-    """The consistency a request's cookie ``name`` carries, newer than the context's."""
+    """The consistency a request starts with: its cookie ``name``'s, or the context's
+    if that is newer. A cookie that does not parse, or names another cluster, is
+    ignored (logged at DEBUG for the first: any client can send one)."""
+    current = replicas.value()
     for key, value in scope.get("headers", ()):
         if key != b"cookie":
             continue
         for part in value.decode("latin-1").split(";"):
             cookie, _, token = part.strip().partition("=")
-            if cookie == name:
-                given = Consistency.parse(token)
-                if given is None:
-                    logger.warning("ignored a %s cookie that does not parse", name)
-                    return replicas.current.get()
-                return given.newer(replicas.current.get())
-    return replicas.current.get()
+            if cookie != name:
+                continue
+            given = Consistency.parse(token)
+            if given is None:
+                logger.debug("ignored a %s cookie that does not parse", name)
+                return current
+            if not replicas.usable(given, f"a {name} cookie"):
+                return current
+            return given.newer(current)
+    return current
 
 
 def with_cookie(message: Message, name: str, consistency: Consistency) -> Message:

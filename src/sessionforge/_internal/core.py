@@ -136,8 +136,10 @@ class FactoryCore(Binding, Generic[_AS]):
         state: SessionState = session.sync_session._sessionforge_state  # type: ignore[attr-defined]
         if options is not None and not reader:
             state.options = options
-        if self.replicas is not None and (reader or _reads_only(options)):
-            self._route(state, "async", options, kwargs)
+        if self.replicas is not None:
+            self.replicas.hold()  # (the task's own holder: its threads share it)
+            if reader or self._reads_only(options):
+                self._route(state, "async", options, kwargs, reader=reader)
         opened_session(session.sync_session, self.config.track_session_origin)
         return session
 
@@ -159,10 +161,25 @@ class FactoryCore(Binding, Generic[_AS]):
         state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
         if options is not None and not reader:
             state.options = options
-        if self.replicas is not None and (reader or _reads_only(options)):
-            self._route(state, "sync", options, kwargs)
+        if self.replicas is not None:
+            self.replicas.hold()  # (the task's own holder: its threads share it)
+            if reader or self._reads_only(options):
+                self._route(state, "sync", options, kwargs, reader=reader)
         opened_session(session, self.config.track_session_origin)
         return session
+
+    def _reads_only(self, options: TransactionOptions | None) -> bool:
+        """Whether a ``begin()`` with ``options`` may run on a replica: read-only, and
+        not SERIALIZABLE — its own level, else the engine's (a hot standby refuses
+        SERIALIZABLE transactions)."""
+        if options is None or not options.execution_options.get("postgresql_readonly"):
+            return False
+        level = (
+            options.execution_options.get("isolation_level")
+            or self.config.isolation_level
+            or self.config.engine_options.get("isolation_level")
+        )
+        return str(level).upper() != "SERIALIZABLE"
 
     def _route(
         self,
@@ -170,6 +187,8 @@ class FactoryCore(Binding, Generic[_AS]):
         twin: Twin,
         options: TransactionOptions | None,
         kwargs: Mapping[str, Any],
+        *,
+        reader: bool,
     ) -> None:
         """Route a session that only reads to the replicas (DESIGN.md §9).
 
@@ -180,7 +199,7 @@ class FactoryCore(Binding, Generic[_AS]):
             return
         assert self.replicas is not None
         execution_options = None if options is None else dict(options.execution_options)
-        state.route = Route(self.replicas, twin, execution_options)
+        state.route = Route(self.replicas, twin, execution_options, reader=reader)
 
     def open_sessions(self, twin: Twin) -> list[Any]:
         """The open sessions of ``twin`` that ``close_all()`` closes here.
@@ -339,14 +358,3 @@ class FactoryCore(Binding, Generic[_AS]):
         options = "".join(f", {k}={v!r}" for k, v in shown.items())
         where = None if url is None else mask_url(url)
         return f"{name}(class_={class_.__name__!r}, url={where!r}{options})"
-
-
-def _reads_only(options: TransactionOptions | None) -> bool:
-    """Whether a ``begin()`` with ``options`` may run on a replica: read-only, and not
-    SERIALIZABLE (a hot standby refuses SERIALIZABLE transactions)."""
-    if options is None:
-        return False
-    given = options.execution_options
-    return (
-        bool(given.get("postgresql_readonly")) and given.get("isolation_level") != "SERIALIZABLE"
-    )

@@ -37,13 +37,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, ExceptionContext
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_
 
@@ -51,6 +52,7 @@ from sessionforge.config import FactoryConfig
 from sessionforge.dialects.replication import format_lsn, replica_position
 
 from . import sqla as _sqla
+from .disconnects import known_closed
 from .engines import build_async_engine, build_sync_engine
 from .loops import LoopEngines
 from .urls import mask_url
@@ -114,6 +116,30 @@ class ReplicaStatus:
     last_error: str | None
 
 
+class Holder:
+    """A context's consistency, mutable so that copies of the context share it.
+
+    ``owner`` is the asyncio task that made it (``None`` outside any task). A commit in
+    the owner, or in a thread running a copy of its context (``asyncio.to_thread``, a
+    threadpool endpoint), updates it in place, so the owner sees it; a commit in
+    another task (one the owner started: it inherited the holder) gives that task a
+    holder of its own — contextvars semantics, and no sharing between sibling tasks.
+    """
+
+    __slots__ = ("owner", "value")
+
+    def __init__(self, value: Consistency | None, owner: asyncio.Task[Any] | None) -> None:
+        self.value = value
+        self.owner = owner
+
+
+def _task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        return None
+
+
 class Replica:
     """One replica's engines and what the factory knows of it."""
 
@@ -152,10 +178,11 @@ class Replica:
     def _prepared(self, engine: _E) -> _E:
         """A replica's engine, with two listeners more.
 
-        - A pooled connection the server closed is replaced at checkout: asyncpg
-          notices a closed socket as soon as the event loop reads it (psycopg only at
-          its next use), so a replica that stopped fails at checkout, before the
-          session's first statement, where its read can go to another server.
+        - A pooled connection the server closed is replaced at checkout (asyncpg
+          knows as soon as the event loop read the socket; psycopg's socket is peeked
+          without blocking: ``disconnects.known_closed``), so a replica that stopped
+          fails at checkout, before the session's first statement, where its read can
+          go to another server.
         - A connection lost during a statement (a disconnect, as SQLAlchemy and
           ``disconnects.py`` classify it) marks the replica unhealthy.
         """
@@ -163,9 +190,7 @@ class Replica:
         dialect = sync.dialect
 
         def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-            driver = dialect.get_driver_connection(dbapi_connection)
-            is_closed = getattr(driver, "is_closed", None)
-            if is_closed() if callable(is_closed) else getattr(driver, "closed", False):
+            if known_closed(dialect.get_driver_connection(dbapi_connection)):
                 raise DisconnectionError("the server closed this pooled connection")
 
         def on_error(context: ExceptionContext) -> None:
@@ -185,10 +210,13 @@ class Replica:
                     engine = self._sync_engine = self._prepared(build_sync_engine(self.config))
         return engine
 
-    def forget_engines(self) -> tuple[AsyncEngine | None, Engine | None]:
-        """Detach this loop's async engine and the sync engine, for the caller to dispose."""
-        async_engine = self._loop_engines.take_current()
-        self._loop_engines.drop_dead()
+    def forget_engines(self, *, sync_only: bool) -> tuple[AsyncEngine | None, Engine | None]:
+        """Detach this loop's async engine (unless ``sync_only``) and the sync engine,
+        for the caller to dispose."""
+        async_engine = None
+        if not sync_only:
+            async_engine = self._loop_engines.take_current()
+            self._loop_engines.drop_dead()
         with self._lock:
             sync_engine, self._sync_engine = self._sync_engine, None
             self._option_engines.clear()
@@ -218,7 +246,7 @@ class Replicas:
 
     def __init__(self, config: FactoryConfig) -> None:
         self.replicas = tuple(
-            Replica(config.replace(url=url, replicas=()), self.failed) for url in config.replicas
+            Replica(_replica_config(config, url), self.failed) for url in config.replicas
         )
         self.read_your_writes = config.read_your_writes
         self.wait = float(config.replica_wait)
@@ -232,19 +260,52 @@ class Replicas:
         self._fallbacks = itertools.count()
         self._turn = itertools.count()
         self._foreign: set[int] = set()
-        self.current: ContextVar[Consistency | None] = ContextVar(
+        self._current: ContextVar[Holder | None] = ContextVar(
             "sessionforge_consistency", default=None
         )
 
     # the context's consistency ---------------------------------------------------------
 
+    def value(self) -> Consistency | None:
+        """The running context's consistency (``None``: it needs none)."""
+        holder = self._current.get()
+        return None if holder is None else holder.value
+
     def token(self) -> str | None:
-        value = self.current.get()
+        value = self.value()
         return None if value is None else value.token()
 
     def apply(self, value: Consistency) -> None:
-        """Make the running context's reads see at least ``value``."""
-        self.current.set(value.newer(self.current.get()))
+        """Make the running context's reads see at least ``value`` (see ``Holder``)."""
+        holder, task = self._current.get(), _task()
+        if holder is not None and (task is None or holder.owner is task):
+            holder.value = value.newer(holder.value)
+        else:
+            self._current.set(Holder(value.newer(self.value()), task))
+
+    def hold(self) -> None:
+        """Give the running task a holder now, before it hands work to a thread."""
+        holder, task = self._current.get(), _task()
+        if holder is None or (task is not None and holder.owner is not task):
+            self._current.set(Holder(None if holder is None else holder.value, task))
+
+    def enter(self, value: Consistency | None) -> Token[Holder | None]:
+        """Give the running context a holder of its own (a request's, a block's)."""
+        return self._current.set(Holder(value, _task()))
+
+    def leave(self, token: Token[Holder | None]) -> Consistency | None:
+        """Undo ``enter``; return what the holder ended with."""
+        holder = self._current.get()
+        self._current.reset(token)
+        return None if holder is None else holder.value
+
+    def usable(self, given: Consistency, source: str) -> bool:
+        """Whether ``given`` (from a token) may be applied: it parsed, and it is this
+        cluster's as far as known. A token of another cluster is logged and ignored."""
+        if given.system and self.system is not None and given.system != self.system:
+            self._log_foreign(given.system, source)
+            return False
+        return True
 
     def committed(self, position: int, system: int | None) -> Consistency:
         if system is not None and self.system is None:
@@ -255,26 +316,32 @@ class Replicas:
     @contextmanager
     def consistent_with(self, token: str | None) -> Iterator[None]:
         """Apply ``token`` for the block; commits made in it are kept after it."""
-        if token is None:
-            yield
-            return
-        given = Consistency.parse(token)
-        if given is None:
+        given = None if token is None else Consistency.parse(token)
+        if token is not None and given is None:
             logger.warning(
                 "ignored a consistency token that is not one of sessionforge's: %.40r", token
             )
+        if given is None or not self.usable(given, "consistent_with()"):
             yield
             return
-        before = self.current.get()
-        applied = given.newer(before)
-        reset = self.current.set(applied)
+        before = self.value()
+        entered = self.enter(given.newer(before))
         try:
             yield
         finally:
-            inside = self.current.get()
-            self.current.reset(reset)
-            if inside is not applied and inside is not None:
+            inside = self.leave(entered)
+            if inside is not None and inside != given.newer(before):
                 self.apply(inside)  # the block committed: keep its position
+
+    def _log_foreign(self, system: int, source: str) -> None:
+        if system not in self._foreign:
+            self._foreign.add(system)
+            logger.warning(
+                "ignored a consistency token of another cluster from %s (system %d, this is %d)",
+                source,
+                system,
+                self.system,
+            )
 
     # routing ---------------------------------------------------------------------------
 
@@ -282,16 +349,19 @@ class Replicas:
         """A replica that may serve the running context's read now, or ``None`` (primary).
 
         With ``io`` (in the sync twin, or in SQLAlchemy's greenlet for the async one)
-        it may check replicas and wait up to ``replica_wait``; without, it decides from
-        what it knows.
+        it may check replicas and wait up to ``replica_wait``, and the choice counts
+        (round-robin turn, primary fallbacks); without, it answers from what it knows.
         """
-        need = self._needed()
-        order = self._rotation()
+        need = self.needed()
+        order = self._rotation(advance=io)
+        if not io:
+            return next(
+                (r for r in order if r.healthy and (need is None or r.position >= need)), None
+            )
         now = time.monotonic()
-        if io:
-            for replica in order:
-                if not replica.healthy and replica.retry_at <= now:
-                    self.check(replica, twin)  # due: one round trip decides
+        for replica in order:
+            if not replica.healthy and replica.retry_at <= now:
+                self.check(replica, twin)  # due: one round trip decides
         for replica in order:
             if not replica.healthy:
                 continue
@@ -299,58 +369,63 @@ class Replicas:
                 return replica
             # Known to be behind, but that was a while ago: look again (so a replica
             # that caught up gets its share of the reads back).
-            stale = io and now - replica.checked_at > _REFRESH
+            stale = now - replica.checked_at > _REFRESH
             if stale and self.check(replica, twin) and replica.position >= need:
                 return replica
-        if not io or need is None:
-            self._fallback()
-            return None
+        if need is None:
+            return self._fallback()
         deadline = time.monotonic() + self.wait
         pause = _FIRST_POLL
         while True:
             for replica in order:
-                if replica.healthy and self.check(replica, twin) and replica.position >= need:
-                    return replica
+                if replica.healthy and self.check(replica, twin):
+                    need = self.needed()  # the first check may have told the cluster
+                    if need is None or replica.position >= need:
+                        return replica
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not any(replica.healthy for replica in order):
-                self._fallback()
-                return None
+                return self._fallback()
             _sleep(min(pause, remaining))
             pause = min(pause * 2, _LONGEST_POLL)
 
-    def _needed(self) -> int | None:
+    def needed(self) -> int | None:
         if not self.read_your_writes:
             return None
-        value = self.current.get()
+        value = self.value()
         if value is None:
             return None
         if value.system and self.system is not None and value.system != self.system:
-            if value.system not in self._foreign:
-                self._foreign.add(value.system)
-                logger.warning(
-                    "ignored a consistency token of another cluster (system %d, this is %d)",
-                    value.system,
-                    self.system,
-                )
+            self._log_foreign(value.system, "this context")
             return None
         return value.position
 
-    def _rotation(self) -> tuple[Replica, ...]:
+    def _rotation(self, *, advance: bool) -> tuple[Replica, ...]:
         replicas = self.replicas
-        start = next(self._turn) % len(replicas)
+        start = (next(self._turn) if advance else _peek(self._turn)) % len(replicas)
         return replicas[start:] + replicas[:start]
 
-    def _fallback(self) -> None:
+    def _fallback(self) -> Replica | None:
+        """The primary serves: counted, and ``None`` returned for ``choose``."""
         next(self._fallbacks)
-        return
+        return None
 
     def check(self, replica: Replica, twin: Twin) -> bool:
-        """Ask ``replica`` for its replay position; ``False`` marks it unhealthy."""
+        """Ask ``replica`` for its replay position; ``False`` if it could not say.
+
+        A failure marks it unhealthy. A pool with no connection to spare is not asked
+        (and not marked): waiting for one could take ``pool_timeout``, far past
+        ``replica_wait``; a checkout that times out anyway is not the replica's fault.
+        """
+        engine = replica.engine(twin)
+        if _pool_is_full(engine):
+            return False
         try:
-            with replica.engine(twin).connect() as connection:
+            with engine.connect() as connection:
                 answer = replica_position(
                     connection.connection.dbapi_connection, in_transaction=self.in_transaction
                 )
+        except PoolTimeoutError:
+            return False
         except Exception as exc:
             self.failed(replica, exc)
             return False
@@ -379,6 +454,9 @@ class Replicas:
         replica.healthy = False
         replica.retry_at = time.monotonic() + self.recheck
         replica.last_error = reason
+        # What it replayed is forgotten: a server restarted after a crash may accept
+        # reads at an older position than it showed before.
+        replica.position = -1
 
     # status ----------------------------------------------------------------------------
 
@@ -405,12 +483,41 @@ class Replicas:
             )
         return tuple(found)
 
-    def forget_engines(self) -> list[tuple[AsyncEngine | None, Engine | None]]:
-        return [replica.forget_engines() for replica in self.replicas]
+    def forget_engines(self, *, sync_only: bool) -> list[tuple[AsyncEngine | None, Engine | None]]:
+        return [replica.forget_engines(sync_only=sync_only) for replica in self.replicas]
 
     def loop_engines(self) -> list[Engine]:
         """The (sync cores of the) running loop's replica engines built so far."""
         return [r.loop_engine for r in self.replicas if r.loop_engine is not None]
+
+
+def _replica_config(config: FactoryConfig, url: URL) -> FactoryConfig:
+    """The primary's configuration for one replica's engines.
+
+    A hot standby refuses SERIALIZABLE transactions: a factory whose engines run
+    SERIALIZABLE gets REPEATABLE READ replicas (the strongest level a standby has; its
+    read-only ``begin()``s that do not name a level go to the primary, see
+    ``core._reads_only``).
+    """
+    changes: dict[str, Any] = {"url": url, "replicas": ()}
+    if str(config.isolation_level).upper() == "SERIALIZABLE":
+        changes["isolation_level"] = "REPEATABLE READ"
+    level = config.engine_options.get("isolation_level")
+    if isinstance(level, str) and level.upper() == "SERIALIZABLE":
+        changes["engine_options"] = {**config.engine_options, "isolation_level": "REPEATABLE READ"}
+    return config.replace(**changes)
+
+
+def _pool_is_full(engine: Engine) -> bool:
+    """Whether ``engine``'s pool (a QueuePool) has every connection checked out."""
+    pool: Any = engine.pool
+    checked_out, size = getattr(pool, "checkedout", None), getattr(pool, "size", None)
+    if not callable(checked_out) or not callable(size):
+        return False
+    overflow = _sqla.pool_max_overflow(pool)
+    if overflow is None or overflow < 0:
+        return False  # no limit
+    return bool(checked_out() >= size() + overflow)
 
 
 def _peek(counter: itertools.count[int]) -> int:

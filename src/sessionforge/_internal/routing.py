@@ -22,6 +22,7 @@ have neither and pay nothing.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,27 +53,51 @@ logger = logging.getLogger("sessionforge.replicas")
 _WROTE: Final = "sessionforge_wrote"
 # Statements that change no data: reads, and the transaction's own bookkeeping.
 _NOT_WRITES: Final = ("SELECT", "SHOW", "SET ", "SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN")
+_LEADING_COMMENTS: Final = re.compile(r"^(\s+|--[^\n]*(\n|$)|/\*.*?\*/)+", re.DOTALL)
+_INTO: Final = re.compile(r"\bINTO\b", re.IGNORECASE)
 
 
 def is_write(statement: str) -> bool:
     """Whether ``statement`` may change data: anything but a plain read.
 
-    Conservative: a statement that starts with a comment, ``WITH`` or ``(`` counts as a
-    write. A ``SELECT`` of a function that writes does not — and is not seen.
+    Leading comments (sqlcommenter's, say) are skipped. Conservative: a statement that
+    starts with ``WITH`` or ``(`` counts as a write, and so does ``SELECT ... INTO``.
+    A ``SELECT`` of a function that writes does not — and is not seen.
     """
-    return not statement.lstrip()[:9].upper().startswith(_NOT_WRITES)
+    head = statement[:9].upper()
+    if not head[:1].isalpha():
+        statement = _LEADING_COMMENTS.sub("", statement, count=1)
+        head = statement[:9].upper()
+    if not head.startswith(_NOT_WRITES):
+        return True
+    return head.startswith("SELECT") and _INTO.search(statement) is not None
 
 
 class Route:
     """Where one routed session reads: a replica chosen on first use, or the primary."""
 
-    __slots__ = ("chosen", "decided", "execution_options", "replica", "replicas", "twin")
+    __slots__ = (
+        "chosen",
+        "decided",
+        "execution_options",
+        "reader",
+        "replica",
+        "replicas",
+        "twin",
+    )
 
     def __init__(
-        self, replicas: Replicas, twin: Twin, execution_options: dict[str, Any] | None
+        self,
+        replicas: Replicas,
+        twin: Twin,
+        execution_options: dict[str, Any] | None,
+        *,
+        reader: bool,
     ) -> None:
         self.replicas = replicas
         self.twin = twin
+        #: A reader's statements are transactions of their own: each may move.
+        self.reader = reader
         self.execution_options = execution_options
         #: Whether the current transaction's server is chosen, and which: a replica's
         #: engine, or ``None`` for the primary.
@@ -87,7 +112,7 @@ class Route:
         (an async session's, called from plain async code) cannot check replicas: it
         answers from what is known, and the choice is made at the first real use.
         """
-        if self.decided:
+        if self.decided and not self._behind():
             return self.chosen
         io = self.twin == "sync" or _sqla.in_greenlet()
         replica = self.replicas.choose(self.twin, io=io)
@@ -97,6 +122,16 @@ class Route:
             if replica is not None:
                 next(replica.reads)
         return engine
+
+    def _behind(self) -> bool:
+        """Whether a reader's replica is not known to have the context's writes any more
+        (the context committed since it was chosen): the next statement chooses again.
+        A read-only *transaction* keeps its server: its snapshot is taken."""
+        replica = self.replica
+        if replica is None or not self.reader:
+            return False
+        need = self.replicas.needed()
+        return need is not None and replica.position < need
 
     def reroute(self, engine: Engine, exc: Exception) -> Engine | None:
         """After ``engine`` could not give a connection: the next choice, or re-raise."""
@@ -149,21 +184,29 @@ def install_routing(session_class: type[Session], replicas: Replicas) -> None:
     """The listeners of a factory with replicas, on its sync session class."""
 
     def connected(session: Session, transaction: SessionTransaction, connection: Any) -> None:
-        if transaction.parent is not None:
-            return
+        if transaction.parent is not None or not isinstance(session.bind, Engine):
+            return  # a SAVEPOINT; or a session on a connection (isolated(), a test's)
         state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
         if state.route is None and replicas.read_your_writes:
             connection.info.pop(_WROTE, None)
-            state.primary_connection = connection
+            if state.primary_connections is None:
+                state.primary_connections = [connection]
+            else:  # binds= to several engines
+                state.primary_connections.append(connection)
 
     def committed(session: Session) -> None:
+        if session.get_nested_transaction() is not None:
+            return  # a RELEASE SAVEPOINT fires after_commit too: the COMMIT is later
         state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
-        connection = state.primary_connection
-        if connection is None:
+        connections = state.primary_connections
+        if connections is None:
             return
-        state.primary_connection = None
-        if not connection.info.pop(_WROTE, False) or connection.invalidated:
-            return
+        state.primary_connections = None
+        wrote = [c for c in connections if c.info.pop(_WROTE, False) and not c.invalidated]
+        if wrote:
+            take_position(state, wrote[-1])
+
+    def take_position(state: SessionState, connection: Any) -> None:
         try:
             position, system = commit_position(
                 connection.connection.dbapi_connection,
@@ -184,7 +227,7 @@ def install_routing(session_class: type[Session], replicas: Replicas) -> None:
     def ended(session: Session, transaction: SessionTransaction) -> None:
         if transaction.parent is None:
             state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
-            state.primary_connection = None
+            state.primary_connections = None
             if state.route is not None:
                 state.route.reset()
 

@@ -428,11 +428,11 @@ def make_session_classes(
     sync_class = type(sync_base.__name__, bases, {"__module__": sync_base.__module__})
     # SyncHookMethods.__init__ takes (*args, **kwargs): show the given class's signature.
     sync_class.__signature__ = inspect.signature(sync_base)  # type: ignore[attr-defined]
+    if replicas is not None:  # first: on-commit hooks see the commit's consistency token
+        routing.install_routing(sync_class, replicas)
     hooks.install(sync_class)
     transactions.install(sync_class)
     stats.install(sync_class, counters)
-    if replicas is not None:
-        routing.install_routing(sync_class, replicas)
     namespace: dict[str, Any] = {"__module__": class_.__module__, "sync_session_class": sync_class}
     owner: list[type] = []  # the class, once made: the guards look methods up above it
     for name, kind in guarded_methods(class_).items():

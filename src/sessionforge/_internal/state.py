@@ -41,7 +41,7 @@ class SessionState:
         "hooks",
         "options",
         "origin",
-        "primary_connection",
+        "primary_connections",
         "route",
     )
 
@@ -62,9 +62,9 @@ class SessionState:
         #: Registered on-commit / after-rollback hooks (``hooks``; made on first use).
         self.hooks: Any = None
         #: With replicas (``routing``): where a routed session reads, the primary
-        #: connection of the open transaction, the position its last commit reached.
+        #: connections of the open transaction, the position its last commit reached.
         self.route: Route | None = None
-        self.primary_connection: Connection | None = None
+        self.primary_connections: list[Connection] | None = None
         self.consistency: Consistency | None = None
 
 
