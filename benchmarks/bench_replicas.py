@@ -20,7 +20,8 @@ same row in a reader session:
   primary's WAL position; the read goes to a replica that has replayed it (checked
   first, one round trip, then cached) or, after ``replica_wait``, the primary;
 * ``read-your-writes off``: no position, no check: the read may be stale (counted:
-  ``stale`` reads per round in the notes);
+  ``stale`` reads per round in the notes; each task writes rows of its own, so a
+  different value is a stale one);
 * ``no replicas``: the update and the read on the primary;
 * ``async_sessionmaker, primary`` (the baseline): the same two steps in plain SQLAlchemy.
 
@@ -32,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import sys
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -87,6 +90,21 @@ def read_contenders(primary: str, replicas: list[str], stack: AsyncExitStack, po
     ]
 
 
+_TASK_BLOCKS: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+_BLOCKS = itertools.count()
+
+
+def own_row() -> int:
+    """A row only the running task writes (so a read of another value is stale, not a
+    concurrent task's newer write): each task gets a block of 100 rows."""
+    task = asyncio.current_task()
+    assert task is not None
+    block = _TASK_BLOCKS.get(task)
+    if block is None:
+        block = _TASK_BLOCKS[task] = next(_BLOCKS) % (ROWS // 100)
+    return block * 100 + random.randint(1, 100)
+
+
 def write_contenders(primary: str, replicas: list[str], stack: AsyncExitStack, pool: int) -> Any:
     def factory(**options: Any) -> SessionFactory[AsyncSession]:
         db = SessionFactory(primary, pool_size=pool, max_overflow=0, **options)
@@ -98,7 +116,7 @@ def write_contenders(primary: str, replicas: list[str], stack: AsyncExitStack, p
 
         async def op() -> None:
             nonlocal stale
-            row, value = random.randint(1, ROWS), random.randint(0, 10**9)
+            row, value = own_row(), random.randint(0, 10**9)
             async with db.begin() as session:
                 await session.execute(update(Item).where(Item.id == row).values(quantity=value))
             async with db.reader() as session:
@@ -117,7 +135,7 @@ def write_contenders(primary: str, replicas: list[str], stack: AsyncExitStack, p
     maker = async_sessionmaker(engine, expire_on_commit=False)
 
     async def bare() -> None:
-        row, value = random.randint(1, ROWS), random.randint(0, 10**9)
+        row, value = own_row(), random.randint(0, 10**9)
         async with maker.begin() as session:
             await session.execute(update(Item).where(Item.id == row).values(quantity=value))
         async with maker() as session:
