@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import pytest
@@ -171,15 +172,17 @@ def test_sync_driver_is_fine_for_the_sync_factory(tmp_path: Any) -> None:
     sdb.dispose()
 
 
-def test_missing_driver_names_the_package() -> None:
-    # aiomysql is a known async driver that this project does not install.
+def test_missing_driver_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test extras install every known driver: a None in sys.modules makes the
+    # import fail as it does where the package is absent.
+    monkeypatch.setitem(sys.modules, "aiomysql", None)
     with pytest.raises(ConfigurationError, match=r"driver aiomysql .* not installed: pip install"):
         SessionFactory("mysql+aiomysql://u@h/d")
 
 
-def test_missing_sync_twin_driver_names_the_package() -> None:
-    # asyncmy is not installed either, but the twin's driver (pymysql) is checked
-    # when the twin is first reached.
+def test_missing_sync_twin_driver_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The twin's driver (pymysql) is checked when the twin is first reached.
+    monkeypatch.setitem(sys.modules, "pymysql", None)
     config = FactoryConfig.from_url("mysql+asyncmy://u@h/d")
     with pytest.raises(ConfigurationError, match=r"sync twin's driver pymysql .* pip install"):
         SyncSessionFactory(config)
