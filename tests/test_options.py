@@ -116,6 +116,16 @@ def sqlite_begin_statements(tmp_path: Path, **options: Any) -> list[str]:
     return [statement for statement in sent if statement.startswith("BEGIN")]
 
 
+MYSQL = "mysql://app@127.0.0.1:3306/app"  # engines are built, never connected
+
+
+def connect_listeners(url: str, **options: Any) -> int:
+    engine = build_async_engine(FactoryConfig.from_url(url, **options)).sync_engine
+    count = len(engine.pool.dispatch.connect)
+    engine.dispose()
+    return count
+
+
 def checkout_listeners(**options: Any) -> int:
     engine = build_async_engine(FactoryConfig.from_url(PG, **options)).sync_engine
     count = len(engine.pool.dispatch.checkout)
@@ -230,6 +240,9 @@ DESTINATIONS: dict[str, Callable[[Path], bool]] = {
     "connect_timeout": lambda _: (
         connect_args("connect_timeout", 2.5)["timeout"] == 2.5
         and connect_args("connect_timeout", 2.5, sync=True)["connect_timeout"] == 3
+    ),
+    "mysql_snapshot_isolation": lambda _: (
+        connect_listeners(MYSQL, mysql_snapshot_isolation=False) < connect_listeners(MYSQL)
     ),
     # routing
     "replicas": lambda _: (

@@ -158,6 +158,9 @@ class FactoryConfig:
     connect_timeout: float | None = option(
         "preset", 5.0, _CONNECT_SECONDS, "connect args: seconds per attempt", dialect="postgresql"
     )
+    mysql_snapshot_isolation: bool = option(
+        "preset", True, _bool, "SET SESSION innodb_snapshot_isolation = ON", dialect="mysql"
+    )
     # routing: read replicas (DESIGN.md §9)
     replicas: tuple[URL, ...] = option(
         "routing", (), _urls, "engines for reads", dialect="postgresql", with_user_engine=True

@@ -51,6 +51,7 @@ class _CommonOptions(TypedDict, total=False):
     replica_wait: float
     replica_recheck: float
     connect_timeout: float | None
+    mysql_snapshot_isolation: bool
 
 
 class FactoryOptions(_CommonOptions, total=False):

@@ -82,6 +82,22 @@ _REFUSALS: Final = (
         "username",
         'password authentication failed for user "{name}": check the password in the URL',
     ),
+    # MySQL/MariaDB (the drivers carry the error number, not the SQLSTATE): 1049, 1045.
+    _Refusal(
+        None,
+        re.compile(r"\(1049, \"Unknown database '(?P<name>[^']*)'"),
+        "database",
+        "database '{name}' does not exist: create it (CREATE DATABASE `{name}`), "
+        "or fix the database name in the URL",
+    ),
+    _Refusal(
+        None,
+        re.compile(r"\(1045, \"Access denied for user '(?P<name>[^']*)'@'[^']*'"),
+        "username",
+        "access denied for user '{name}': check the user name and password in the URL, "
+        "and that the user may connect from this host (CREATE USER / GRANT ... TO "
+        "'{name}'@'host')",
+    ),
 )
 
 # How drivers word a connection that never got an answer from the server, when they

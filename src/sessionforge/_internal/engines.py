@@ -2,7 +2,8 @@
 
 ``engine_kwargs`` turns the config's engine options (declared in ``config.py``) into
 ``create_engine`` arguments; ``apply_presets`` installs the dialect presets
-(``dialects/sqlite.py``, ``dialects/postgresql.py``) with the config's values.
+(``dialects/sqlite.py``, ``dialects/postgresql.py``, ``dialects/mysql.py``) with the
+config's values.
 
 The liveness policy replaces ``pool_pre_ping``: a pooled connection is pinged at
 checkout only when it sat idle in the pool for longer than ``ping_after`` seconds, so a
@@ -32,7 +33,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from sessionforge import dialects
 from sessionforge.config import OPTIONS, FactoryConfig
-from sessionforge.dialects import postgresql, sqlite
+from sessionforge.dialects import mysql, postgresql, sqlite
 from sessionforge.errors import ConfigurationError
 
 from . import disconnects
@@ -59,6 +60,10 @@ _LAST_CHECKIN: Final = "sessionforge_last_checkin"
 INVALIDATION_GRACE: Final = 0.25
 
 
+# The extra that installs a dialect's drivers.
+_EXTRAS: Final = {"postgresql": "postgres", "mysql": "mysql"}
+
+
 def check_driver(url: URL, *, is_async: bool) -> None:
     """Raise ``ConfigurationError`` unless ``url``'s driver is installed and fits."""
     dialect_cls = _sqla.load_dialect(url, is_async=is_async)
@@ -73,7 +78,9 @@ def check_driver(url: URL, *, is_async: bool) -> None:
     except ImportError as exc:
         info = dialects.find_driver(backend, driver)
         package = info.package if info is not None else driver
-        extra = " (or pip install 'sessionforge[postgres]')" if backend == "postgresql" else ""
+        extra = (
+            f" (or pip install 'sessionforge[{_EXTRAS[backend]}]')" if backend in _EXTRAS else ""
+        )
         role = "async" if is_async else "sync twin's"
         raise ConfigurationError(
             f"the {role} driver {driver} for {backend} is not installed: "
@@ -175,6 +182,10 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
         )
         if url.get_driver_name() == "aiosqlite":
             sqlite.refuse_unopenable_files(engine)
+    if mysql.is_mysql(url):
+        if config.mysql_snapshot_isolation:
+            mysql.install_snapshot_isolation(engine)
+        mysql.install_return_policy(engine)
 
 
 def _prepare(engine: Engine, config: FactoryConfig) -> None:
@@ -281,6 +292,11 @@ def describe_presets(config: FactoryConfig, url: URL) -> dict[str, Any]:
         return {
             "application_name": config.application_name,
             "pgbouncer": config.pgbouncer,
+            "ping_after": config.ping_after,
+        }
+    if mysql.is_mysql(url):
+        return {
+            "snapshot_isolation": config.mysql_snapshot_isolation,
             "ping_after": config.ping_after,
         }
     return {"ping_after": config.ping_after}

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -59,6 +59,9 @@ class TransactionOptions:
     settings: tuple[tuple[str, str], ...]
     timeout: float | None
     invalidate_on_timeout: bool
+    #: Sent before the settings when the transaction gets its connection (MySQL's
+    #: ``START TRANSACTION READ ONLY``: its dialects have no read-only option).
+    statements: tuple[str, ...] = ()
 
     @property
     def cache_key(self) -> tuple[tuple[str, Any], ...]:
@@ -131,6 +134,7 @@ def transaction_options(
         settings=pairs,
         timeout=seconds,
         invalidate_on_timeout=dialects.invalidate_on_timeout(url),
+        statements=dialects.begin_statements(url, readonly),
     )
 
 
@@ -142,10 +146,10 @@ def for_isolation(
 ) -> TransactionOptions | None:
     """``options`` for a transaction that is a SAVEPOINT of a test's (``isolated()``).
 
-    The isolation level and read-only mode (which only a real BEGIN can set) and
-    PostgreSQL's ``statement_timeout`` (a transaction-local setting that would outlive
-    the SAVEPOINT) are left out, and a timeout rolls back rather than invalidates the
-    shared connection.
+    The isolation level and read-only mode (which only a real BEGIN can set) and the
+    server's statement-time limit (PostgreSQL's transaction-local ``statement_timeout``,
+    MySQL's session variable, either of which would outlive the SAVEPOINT) are left
+    out, and a timeout rolls back rather than invalidates the shared connection.
     """
     kept = transaction_options(
         url, isolation_level=None, readonly=False, timeout=None, settings=settings
@@ -158,6 +162,7 @@ def for_isolation(
         settings=kept.settings if kept is not None else (),
         timeout=timeout,
         invalidate_on_timeout=False,
+        statements=(),
     )
 
 
@@ -180,21 +185,12 @@ def _apply_settings(session: Session, transaction: SessionTransaction, connectio
     if transaction.parent is not None:
         return  # SAVEPOINTs share the outer transaction's settings
     options = session._sessionforge_state.options  # type: ignore[attr-defined]
-    if options is None or not options.settings:
+    if options is None:
         return
-    connection.execute(
-        text(dialects.settings_statement(len(options.settings))),
-        settings_parameters(options.settings),
-    )
-
-
-def settings_parameters(settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """Bound parameters for ``dialects.settings_statement``."""
-    parameters: dict[str, str] = {}
-    for index, (name, value) in enumerate(settings):
-        parameters[f"name_{index}"] = name
-        parameters[f"value_{index}"] = value
-    return parameters
+    for statement in options.statements:
+        connection.exec_driver_sql(statement)
+    if options.settings:
+        dialects.apply_settings(connection, options.settings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from sessionforge import dialects
 from sessionforge._internal.diagnosis import sqlite_cannot_open, unavailable
 from sessionforge._internal.engines import EngineStatus, describe_presets, engine_status
 from sessionforge.config import FactoryConfig, mask_url
+from sessionforge.dialects import mysql
 from sessionforge.dialects.sqlite import sqlite_path, sqlite_unopenable
 from sessionforge.errors import DatabaseUnavailableError
 from sessionforge.factory import SessionFactory
@@ -62,6 +63,8 @@ class CheckReport:
     ping_seconds: float
     #: Only with replicas or a multi-host URL (PostgreSQL).
     topology: Topology | None = None
+    #: The server's product where the dialect does not say it ("MariaDB" or "MySQL").
+    server: str | None = None
 
 
 def resolve_config(
@@ -99,6 +102,7 @@ async def gather_check(config: FactoryConfig, source: str, timeout: float) -> Ch
             presets=describe_presets(db.config, db.url),
             pool=engine_status("async", engine.sync_engine),
             ping_seconds=seconds,
+            server=mysql.server_name(engine.dialect) if mysql.is_mysql(db.url) else None,
         )
         if not with_topology:
             return report
@@ -118,7 +122,7 @@ def format_check(report: CheckReport) -> list[str]:
         f"url:      {report.url} ({report.source})",
         f"dialect:  {report.dialect}",
         f"driver:   {report.driver}",
-        f"server:   {report.dialect} {report.server_version}",
+        f"server:   {report.server or report.dialect} {report.server_version}",
         f"presets:  {presets or 'none'}",
         f"pool:     {pool.pool} size={figure(pool.size)} "
         f"max_overflow={figure(pool.max_overflow)} timeout={figure(pool.timeout)}s",

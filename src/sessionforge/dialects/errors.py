@@ -24,11 +24,18 @@ from sqlalchemy.exc import StatementError
 __all__ = ["is_connection_error", "is_retryable", "is_statement_timeout"]
 
 # PostgreSQL: serialization_failure, deadlock_detected. MySQL/MariaDB: deadlock,
-# lock wait timeout. SQLite: SQLITE_BUSY, SQLITE_LOCKED.
+# lock wait timeout, and 1020 "Record has changed since last read" (MariaDB's
+# innodb_snapshot_isolation refusing a lost update: dialects/mysql.py). SQLite:
+# SQLITE_BUSY, SQLITE_LOCKED.
 _RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})
-_RETRYABLE_MYSQL_CODES: Final = frozenset({1213, 1205})
+_RETRYABLE_MYSQL_CODES: Final = frozenset({1213, 1205, 1020})
 _RETRYABLE_SQLITE_CODES: Final = frozenset({5, 6})
 _STATEMENT_TIMEOUT_SQLSTATE: Final = "57014"  # query_canceled
+# MariaDB's max_statement_time, MySQL's max_execution_time exceeded.
+_STATEMENT_TIMEOUT_MYSQL_CODES: Final = frozenset({1969, 3024})
+# The drivers' modules: each raises its server errors with the code as args[0]
+# (aiomysql raises PyMySQL's classes; asyncmy its own, asyncmy.errors).
+_MYSQL_DRIVER_MODULES: Final = ("pymysql", "aiomysql", "asyncmy", "MySQLdb")
 
 
 def _driver_errors(exc: BaseException) -> list[BaseException]:
@@ -63,24 +70,30 @@ def is_retryable(exc: BaseException) -> bool:
             "database is locked" in str(error) or "database is busy" in str(error)
         ):
             return True
-        args = getattr(error, "args", ())
-        if (
-            type(error).__module__.startswith(("pymysql", "aiomysql", "asyncmy", "MySQLdb"))
-            and args
-            and args[0] in _RETRYABLE_MYSQL_CODES
-        ):
+        if _mysql_code(error) in _RETRYABLE_MYSQL_CODES:
             return True
     return False
 
 
-def is_statement_timeout(exc: BaseException) -> bool:
-    """True when the server cancelled a statement for ``statement_timeout``.
+def _mysql_code(error: BaseException) -> int | None:
+    """The server's error number of a MySQL driver's exception, else ``None``."""
+    args = getattr(error, "args", ())
+    if type(error).__module__.startswith(_MYSQL_DRIVER_MODULES) and args:
+        code = args[0]
+        return code if isinstance(code, int) else None
+    return None
 
-    SQLSTATE 57014 also covers a cancel by ``pg_cancel_backend`` ("due to user
-    request"): only the statement-timeout wording counts.
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """True when the server cancelled a statement for its statement-time limit.
+
+    PostgreSQL's ``statement_timeout``: SQLSTATE 57014 also covers a cancel by
+    ``pg_cancel_backend`` ("due to user request"), so only the statement-timeout wording
+    counts. MariaDB's ``max_statement_time`` (1969), MySQL's ``max_execution_time`` (3024).
     """
     return any(
-        _sqlstate(error) == _STATEMENT_TIMEOUT_SQLSTATE and "statement timeout" in str(error)
+        (_sqlstate(error) == _STATEMENT_TIMEOUT_SQLSTATE and "statement timeout" in str(error))
+        or _mysql_code(error) in _STATEMENT_TIMEOUT_MYSQL_CODES
         for error in _driver_errors(exc)
     )
 
@@ -95,6 +108,7 @@ _CONNECTION_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
 #: read_only_sql_transaction: after a failover, a connection to the old primary (now a
 #: standby), or a multi-host URL without target_session_attrs=read-write.
 READ_ONLY_SQLSTATE: Final = "25006"
+_MYSQL_READ_ONLY_TRANSACTION: Final = 1792  # ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
 
 # Socket errors of an open connection (a refused or unreachable *connect* is any OSError).
 _SOCKET_ERRNOS: Final = frozenset(
@@ -154,7 +168,14 @@ def is_connection_error(
         return False  # CancelledError, KeyboardInterrupt: not ours to reword
     # (asyncio.timeout's TimeoutError is raised from the CancelledError it turned into)
     errors = [error for error in _driver_errors(exc) if isinstance(error, Exception)]
-    states = [state for error in errors if (state := _sqlstate(error)) is not None]
+    states = [
+        state
+        for error in errors
+        if (state := _sqlstate(error)) is not None
+        # MySQL's 1792 (25006) refuses a write in a READ ONLY transaction, which only
+        # the caller opens (a read-only MariaDB/MySQL server answers 1290, HY000).
+        and _mysql_code(error) != _MYSQL_READ_ONLY_TRANSACTION
+    ]
     if states:  # the server answered: its code says what failed
         return any(
             state.startswith(_CONNECTION_SQLSTATE_CLASS)

@@ -1,0 +1,384 @@
+"""MariaDB/MySQL as a backend (issue 14), on the real MariaDB server only.
+
+The read-modify-write race with and without the ``mysql_snapshot_isolation`` preset,
+real deadlocks and lock wait timeouts retried by ``run_transaction``, read-only and
+timed transactions (and that a timed transaction's limit does not reach the next user
+of a pool of one), ``settings=``, the liveness ping and ``ping()``, ``check``, and
+MySQL's refusals worded by the diagnosis. Both async drivers where it matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from sessionforge import SessionFactory
+from sessionforge.cli import main
+from sessionforge.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    TransactionTimeoutError,
+)
+
+from .conftest import MARIADB_URL, require_mariadb
+from .models import Models
+
+pytestmark = pytest.mark.mysql
+
+DRIVERS = [pytest.param("asyncmy", id="asyncmy"), pytest.param("aiomysql", id="aiomysql")]
+TASKS, INCREMENTS = 10, 50
+# A loser of the race can lose again: generous retries (see test_transactions.HOT_ROW).
+RETRIES = 50
+
+
+def url_for(driver: str) -> str:
+    return make_url(MARIADB_URL).set(drivername=f"mysql+{driver}").render_as_string(False)
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    require_mariadb()
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+async def make(driver: str, models: Models) -> AsyncIterator[Callable[..., SessionFactory[Any]]]:
+    """Factories on MariaDB with ``driver``, this test's tables, counters 1 and 2 at 0."""
+    made: list[SessionFactory[Any]] = []
+
+    def make(**options: Any) -> SessionFactory[Any]:
+        db: SessionFactory[Any] = SessionFactory(url_for(driver), **options)
+        made.append(db)
+        return db
+
+    setup = create_engine(url_for("pymysql"), poolclass=NullPool)
+    models.metadata.create_all(setup)
+    with setup.begin() as connection:
+        connection.execute(models.Counter.__table__.insert(), [{"id": 1}, {"id": 2}])
+    yield make
+    for db in made:
+        await db.dispose()
+    models.metadata.drop_all(setup)
+    setup.dispose()
+
+
+def counter(models: Models, row: int = 1) -> int:
+    engine = create_engine(url_for("pymysql"), poolclass=NullPool)
+    with engine.connect() as connection:
+        value = connection.scalar(select(models.Counter.value).where(models.Counter.id == row))
+    engine.dispose()
+    assert value is not None
+    return int(value)
+
+
+def code_of(exc: BaseException) -> object:
+    orig = getattr(exc, "orig", None)
+    return orig.args[0] if orig is not None and orig.args else None
+
+
+# --- the read-modify-write race ---------------------------------------------------------
+
+
+async def race(db: SessionFactory[Any], models: Models) -> list[object]:
+    """TASKS x INCREMENTS read-modify-write increments through run_transaction.
+
+    Returns the error codes of the attempts that were retried.
+    """
+    codes: list[object] = []
+
+    def seen(exc: BaseException) -> None:
+        codes.append(code_of(exc))  # None: the default classification decides
+
+    async def increment(session: AsyncSession) -> None:
+        row = await session.get(models.Counter, 1)
+        assert row is not None
+        await asyncio.sleep(0)  # let the others read the same value
+        row.value += 1
+
+    async def worker() -> None:
+        for _ in range(INCREMENTS):
+            await db.run_transaction(increment, retries=RETRIES, retry_if=seen)
+
+    await asyncio.gather(*(worker() for _ in range(TASKS)))
+    return codes
+
+
+async def test_the_race_with_the_preset_is_exact(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    """Default REPEATABLE READ, no FOR UPDATE: the lost updates become retried 1020s."""
+    db = make()
+    codes = await race(db, models)
+    assert counter(models) == TASKS * INCREMENTS
+    assert 1020 in codes  # the preset turned overwrites into errors, and they were retried
+    assert set(codes) <= {1020, 1213, 1205}
+    assert db.status().checked_out == 0
+
+
+async def test_the_race_without_the_preset_loses_updates(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    """Why the preset exists: the same race, no error to anyone, increments lost."""
+    db = make(mysql_snapshot_isolation=False)
+    codes = await race(db, models)
+    assert 1020 not in codes
+    assert counter(models) < TASKS * INCREMENTS
+
+
+def sync_race(db: SessionFactory[Any], models: Models) -> None:
+    def increment(session: Session) -> None:
+        row = session.get(models.Counter, 1)
+        assert row is not None
+        time.sleep(0.001)  # let the other threads read the same value
+        row.value += 1
+
+    def worker() -> None:
+        for _ in range(INCREMENTS):
+            db.sync.run_transaction(increment, retries=RETRIES)
+
+    with ThreadPoolExecutor(max_workers=TASKS) as pool:
+        for future in [pool.submit(worker) for _ in range(TASKS)]:
+            future.result()
+
+
+async def test_the_race_with_the_preset_is_exact_on_the_sync_twin(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    db = make()
+    await asyncio.to_thread(sync_race, db, models)
+    assert counter(models) == TASKS * INCREMENTS
+
+
+async def test_the_race_without_the_preset_loses_updates_on_the_sync_twin(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    db = make(mysql_snapshot_isolation=False)
+    await asyncio.to_thread(sync_race, db, models)
+    assert counter(models) < TASKS * INCREMENTS
+
+
+# --- deadlocks and lock waits -----------------------------------------------------------
+
+
+async def test_a_real_deadlock_is_retried_to_success(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    """Two transactions lock rows 1 and 2 in opposite orders: one gets 1213, re-runs."""
+    db = make()
+    locked = {1: asyncio.Event(), 2: asyncio.Event()}
+    codes: list[object] = []
+    attempts = 0
+
+    async def both(session: AsyncSession, first: int, second: int) -> str:
+        nonlocal attempts
+        attempts += 1
+        table = models.Counter.__table__
+        await session.execute(
+            update(table).where(table.c.id == first).values(value=table.c.value + 1)
+        )
+        locked[first].set()
+        await locked[second].wait()  # the other holds `second` now (on the first run)
+        await session.execute(
+            update(table).where(table.c.id == second).values(value=table.c.value + 1)
+        )
+        return f"{first}-{second}"
+
+    def seen(exc: BaseException) -> None:
+        codes.append(code_of(exc))
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            db.run_transaction(both, 1, 2, retry_if=seen),
+            db.run_transaction(both, 2, 1, retry_if=seen),
+        ),
+        timeout=30,
+    )
+    assert list(results) == ["1-2", "2-1"]
+    assert codes == [1213]
+    assert attempts == 3
+    assert (counter(models, 1), counter(models, 2)) == (2, 2)
+
+
+async def test_a_lock_wait_timeout_is_retried(
+    make: Callable[..., SessionFactory[Any]], models: Models, driver: str
+) -> None:
+    """innodb_lock_wait_timeout=1: 1205 after a second, the re-run gets the row."""
+    db = make(connect_args={"init_command": "SET SESSION innodb_lock_wait_timeout = 1"})
+    holder = create_async_engine(url_for(driver), poolclass=NullPool)
+    codes: list[object] = []
+
+    async def bump(session: AsyncSession) -> None:
+        table = models.Counter.__table__
+        await session.execute(update(table).where(table.c.id == 1).values(value=table.c.value + 1))
+
+    def seen(exc: BaseException) -> None:
+        codes.append(code_of(exc))
+
+    try:
+        async with holder.connect() as other:
+            await other.execute(text(f"UPDATE {models.counter} SET value = 10 WHERE id = 1"))
+            waiting = asyncio.create_task(db.run_transaction(bump, retry_if=seen, backoff=0.5))
+            await asyncio.sleep(1.6)  # past the first attempt's 1 s wait
+            await other.commit()
+        await asyncio.wait_for(waiting, timeout=30)
+    finally:
+        await holder.dispose()
+    assert codes[:1] == [1205]
+    assert counter(models) == 11
+
+
+# --- per-transaction options ------------------------------------------------------------
+
+
+async def test_readonly_transactions_refuse_writes(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    db = make()
+    async with db.begin(readonly=True) as session:
+        assert (await session.get(models.Counter, 1)) is not None
+    with pytest.raises(DBAPIError, match="READ ONLY transaction") as refused:
+        async with db.begin(readonly=True) as session:
+            await session.execute(text(f"UPDATE {models.counter} SET value = 5"))
+    assert code_of(refused.value) == 1792
+    with pytest.raises(DBAPIError, match="READ ONLY transaction"):
+        with db.sync.begin(readonly=True) as sync_session:
+            sync_session.execute(text(f"UPDATE {models.counter} SET value = 5"))
+    # and the connection's next transaction may write again
+    async with db.begin() as session:
+        await session.execute(text(f"UPDATE {models.counter} SET value = 7 WHERE id = 1"))
+    assert counter(models) == 7
+    assert db.status().checked_out == 0
+
+
+async def test_isolation_levels_are_validated_and_applied(
+    make: Callable[..., SessionFactory[Any]],
+) -> None:
+    db = make()
+    async with db.begin(isolation_level="read_committed") as session:
+        assert await session.scalar(text("SELECT @@tx_isolation")) == "READ-COMMITTED"
+    with pytest.raises(ConfigurationError, match="not supported by mysql"):
+        db.begin(isolation_level="SNAPSHOT")
+
+
+async def test_timeout_fires_by_its_deadline(make: Callable[..., SessionFactory[Any]]) -> None:
+    db = make()
+    started = time.monotonic()
+    with pytest.raises(TransactionTimeoutError, match=r"timeout of 0\.5s"):
+        async with db.begin(timeout=0.5) as session:
+            await session.execute(text("SELECT SLEEP(5)"))
+    assert time.monotonic() - started < 3
+    # the sync twin cannot be interrupted: the server's limit (max_statement_time) cuts it
+    started = time.monotonic()
+    with pytest.raises(TransactionTimeoutError, match=r"timeout of 0\.5s"):
+        await asyncio.to_thread(_sleep_in_sync_twin, db, 0.5)
+    assert time.monotonic() - started < 3
+
+
+def _sleep_in_sync_twin(db: SessionFactory[Any], timeout: float | None) -> Any:
+    with db.sync.begin(timeout=timeout) as session:
+        return session.execute(text("SELECT SLEEP(1.2), CONNECTION_ID()")).one()
+
+
+async def test_the_timeout_does_not_reach_the_next_user_of_the_connection(
+    make: Callable[..., SessionFactory[Any]],
+) -> None:
+    """A pool of one: after a timed transaction, an untimed long statement runs out."""
+    db = make(pool_size=1, max_overflow=0)
+    async with db.begin(timeout=0.5) as session:
+        timed = await session.scalar(text("SELECT CONNECTION_ID()"))
+        assert float(await session.scalar(text("SELECT @@session.max_statement_time"))) == 0.5
+    async with db.begin() as session:
+        slept, same = (await session.execute(text("SELECT SLEEP(1.2), CONNECTION_ID()"))).one()
+    assert (slept, same) == (0, timed)  # not cut (1 would be an interrupted SLEEP)
+    # a transaction that timed out too
+    with pytest.raises(TransactionTimeoutError):
+        async with db.begin(timeout=0.3) as session:
+            await session.execute(text("SELECT SLEEP(5)"))
+    async with db.begin() as session:
+        assert (await session.execute(text("SELECT SLEEP(1.2)"))).scalar() == 0
+    # the sync twin, its own pool of one
+    sync_db = make(pool_size=1, max_overflow=0)
+    with pytest.raises(TransactionTimeoutError):
+        await asyncio.to_thread(_sleep_in_sync_twin, sync_db, 0.3)
+    slept, _ = await asyncio.to_thread(_sleep_in_sync_twin, sync_db, None)
+    assert slept == 0
+    assert db.status().checked_out == 0
+
+
+def test_settings_are_refused_with_what_to_do() -> None:
+    db = SessionFactory(MARIADB_URL)
+    with pytest.raises(ConfigurationError, match=r"next user.*SET STATEMENT.*init_command"):
+        db.begin(settings={"sql_mode": "ANSI"})
+    with pytest.raises(ConfigurationError, match="SET STATEMENT"):
+        db.sync.begin(settings={"sql_mode": "ANSI"})
+
+
+# --- liveness, ping, check, diagnosis ---------------------------------------------------
+
+
+async def test_ping_and_a_killed_pooled_connection_replaced_unseen(
+    make: Callable[..., SessionFactory[Any]], driver: str
+) -> None:
+    db = make(ping_after=0.0, pool_size=1, max_overflow=0)
+    assert 0 < await db.ping() < 5
+    assert 0 < await asyncio.to_thread(db.sync.ping) < 5
+    async with db.begin() as session:
+        killed = await session.scalar(text("SELECT CONNECTION_ID()"))
+    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
+    with killer.connect() as connection:
+        connection.exec_driver_sql(f"KILL {int(killed)}")
+    killer.dispose()
+    await asyncio.sleep(0.1)
+    async with db.begin() as session:  # the checkout's ping found it dead: a fresh one
+        assert await session.scalar(text("SELECT CONNECTION_ID()")) != killed
+
+
+def test_check_names_mariadb_and_its_version(capsys: pytest.CaptureFixture[str]) -> None:
+    require_mariadb()
+    url = make_url(MARIADB_URL).set(drivername="mysql").render_as_string(False)
+    assert main(["check", url]) == 0
+    out = capsys.readouterr().out
+    engine = create_engine(url_for("pymysql"), poolclass=NullPool)
+    with engine.connect() as connection:
+        version = str(connection.scalar(text("SELECT VERSION()"))).split("-")[0]
+    engine.dispose()
+    assert f"server:   MariaDB {version}\n" in out
+    assert "driver:   aiomysql" in out
+    assert "snapshot_isolation=True" in out
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param(
+            {"database": "sf_no_such_db"},
+            r"answered, but database 'sf_no_such_db' does not exist: create it",
+            id="unknown-database",
+        ),
+        pytest.param(
+            {"username": "sf_nobody", "password": "secret"},
+            r"answered, but access denied for user 'sf_nobody': check the user name",
+            id="access-denied",
+        ),
+    ],
+)
+async def test_refusals_are_explained(driver: str, change: dict[str, Any], expected: str) -> None:
+    db = SessionFactory(make_url(url_for(driver)).set(**change))
+    try:
+        with pytest.raises(DatabaseUnavailableError, match=expected) as refused:
+            await db.ping()
+        assert "secret" not in str(refused.value)
+    finally:
+        await db.dispose()
