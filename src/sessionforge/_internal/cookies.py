@@ -14,7 +14,8 @@ import re
 from collections.abc import MutableMapping
 from typing import Any, Final
 
-from .replicas import Consistency, Replicas
+from .consistency import Consistency
+from .replicas import Replicas
 
 __all__ = ["CONSISTENCY_COOKIE", "incoming_consistency", "is_cookie_name", "with_cookie"]
 

@@ -15,11 +15,7 @@ session's first one, and its answer is cached: while a replica is known to be pa
 position, reads cost no check. Otherwise ``choose`` checks the replicas again for up to
 ``replica_wait`` seconds, then gives up and the read goes to the primary.
 
-The context's value is a ``contextvars.ContextVar``: it follows the task (and the tasks
-it starts later), and is separate per thread for the sync twin. The token
-(``Consistency.token()``) is ``sf1-<system>-<position>`` in hex: ``sf1`` is the format's
-version, and a token of another cluster, or one that does not parse, is ignored (and
-logged).
+Where a context keeps its position, and the token format: ``consistency.py``.
 
 **Health.** A replica that fails its check, or whose connection cannot be made, is
 marked unhealthy and skipped for ``replica_recheck`` seconds; then it is checked (one
@@ -32,12 +28,9 @@ import asyncio
 import copy
 import itertools
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar, Token
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
@@ -52,49 +45,25 @@ from sessionforge.config import FactoryConfig
 from sessionforge.dialects.replication import format_lsn, replica_position
 
 from . import sqla as _sqla
+from .consistency import ContextConsistency
 from .disconnects import known_closed
 from .engines import build_async_engine, build_sync_engine
 from .loops import LoopEngines
 from .urls import mask_url
 
-__all__ = ["Consistency", "Replica", "ReplicaStatus", "Replicas"]
+__all__ = ["Replica", "ReplicaStatus", "Replicas"]
 
 logger = logging.getLogger("sessionforge.replicas")
 
 Twin = Literal["async", "sync"]
 _E = TypeVar("_E", AsyncEngine, Engine)
 
-_TOKEN: Final = re.compile(r"^sf1-([0-9a-f]{1,16})-([0-9a-f]{1,16})$")
 #: How long ``choose`` sleeps between checks while waiting for a replica: it doubles
 #: from the first value up to the second.
 _FIRST_POLL: Final = 0.001
 _LONGEST_POLL: Final = 0.01
 #: A replica known to be behind a context's position is asked again after this long.
 _REFRESH: Final = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class Consistency:
-    """The position a context's reads must see: its last commit on the primary."""
-
-    system: int  # 0: not known
-    position: int
-
-    def token(self) -> str:
-        return f"sf1-{self.system:x}-{self.position:x}"
-
-    @classmethod
-    def parse(cls, token: str) -> Consistency | None:
-        match = _TOKEN.match(token) if isinstance(token, str) else None
-        if match is None:
-            return None
-        return cls(int(match.group(1), 16), int(match.group(2), 16))
-
-    def newer(self, other: Consistency | None) -> Consistency:
-        """The later of two positions of one cluster (``self`` for another cluster)."""
-        if other is None or other.system != self.system or other.position < self.position:
-            return self
-        return other
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,30 +83,6 @@ class ReplicaStatus:
     lag_bytes: int | None
     checked_out: int
     last_error: str | None
-
-
-class Holder:
-    """A context's consistency, mutable so that copies of the context share it.
-
-    ``owner`` is the asyncio task that made it (``None`` outside any task). A commit in
-    the owner, or in a thread running a copy of its context (``asyncio.to_thread``, a
-    threadpool endpoint), updates it in place, so the owner sees it; a commit in
-    another task (one the owner started: it inherited the holder) gives that task a
-    holder of its own — contextvars semantics, and no sharing between sibling tasks.
-    """
-
-    __slots__ = ("owner", "value")
-
-    def __init__(self, value: Consistency | None, owner: asyncio.Task[Any] | None) -> None:
-        self.value = value
-        self.owner = owner
-
-
-def _task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no event loop in this thread
-        return None
 
 
 class Replica:
@@ -241,107 +186,21 @@ class Replica:
         return f"<replica {self.shown} {'healthy' if self.healthy else 'unhealthy'}>"
 
 
-class Replicas:
-    """The replicas of one factory, and the contexts' consistency (module docstring)."""
+class Replicas(ContextConsistency):
+    """The replicas of one factory (module docstring), and the contexts' consistency
+    (``ContextConsistency``)."""
 
     def __init__(self, config: FactoryConfig) -> None:
         self.replicas = tuple(
             Replica(_replica_config(config, url), self.failed) for url in config.replicas
         )
-        self.read_your_writes = config.read_your_writes
+        super().__init__(read_your_writes=config.read_your_writes)
         self.wait = float(config.replica_wait)
         self.recheck = float(config.replica_recheck)
         #: asyncpg behind PgBouncer: checks run in a transaction (``dialects.replication``).
         self.in_transaction = config.pgbouncer and config.bound_url.get_driver_name() == "asyncpg"
-        #: The cluster's system identifier, once a primary or replica told it.
-        self.system: int | None = None
-        #: The newest commit position seen on the primary (for ``lag_bytes``).
-        self.newest = 0
         self._fallbacks = itertools.count()
         self._turn = itertools.count()
-        self._foreign: set[int] = set()
-        self._current: ContextVar[Holder | None] = ContextVar(
-            "sessionforge_consistency", default=None
-        )
-
-    # the context's consistency ---------------------------------------------------------
-
-    def value(self) -> Consistency | None:
-        """The running context's consistency (``None``: it needs none)."""
-        holder = self._current.get()
-        return None if holder is None else holder.value
-
-    def token(self) -> str | None:
-        value = self.value()
-        return None if value is None else value.token()
-
-    def apply(self, value: Consistency) -> None:
-        """Make the running context's reads see at least ``value`` (see ``Holder``)."""
-        holder, task = self._current.get(), _task()
-        if holder is not None and (task is None or holder.owner is task):
-            holder.value = value.newer(holder.value)
-        else:
-            self._current.set(Holder(value.newer(self.value()), task))
-
-    def hold(self) -> None:
-        """Give the running task a holder now, before it hands work to a thread."""
-        holder, task = self._current.get(), _task()
-        if holder is None or (task is not None and holder.owner is not task):
-            self._current.set(Holder(None if holder is None else holder.value, task))
-
-    def enter(self, value: Consistency | None) -> Token[Holder | None]:
-        """Give the running context a holder of its own (a request's, a block's)."""
-        return self._current.set(Holder(value, _task()))
-
-    def leave(self, token: Token[Holder | None]) -> Consistency | None:
-        """Undo ``enter``; return what the holder ended with."""
-        holder = self._current.get()
-        self._current.reset(token)
-        return None if holder is None else holder.value
-
-    def usable(self, given: Consistency, source: str) -> bool:
-        """Whether ``given`` (from a token) may be applied: it parsed, and it is this
-        cluster's as far as known. A token of another cluster is logged and ignored."""
-        if given.system and self.system is not None and given.system != self.system:
-            self._log_foreign(given.system, source)
-            return False
-        return True
-
-    def committed(self, position: int, system: int | None) -> Consistency:
-        if system is not None and self.system is None:
-            self.system = system
-        self.newest = max(self.newest, position)
-        return Consistency(self.system or 0, position)
-
-    @contextmanager
-    def consistent_with(self, token: str | None) -> Iterator[None]:
-        """Apply ``token`` for the block; commits made in it are kept after it."""
-        given = None if token is None else Consistency.parse(token)
-        if token is not None and given is None:
-            logger.warning(
-                "ignored a consistency token that is not one of sessionforge's: %.40r", token
-            )
-        if given is None or not self.usable(given, "consistent_with()"):
-            yield
-            return
-        before = self.value()
-        entered = self.enter(given.newer(before))
-        try:
-            yield
-        finally:
-            inside = self.leave(entered)
-            if inside is not None and inside != given.newer(before):
-                self.apply(inside)  # the block committed: keep its position
-
-    def _log_foreign(self, system: int, source: str) -> None:
-        if system not in self._foreign:
-            self._foreign.add(system)
-            logger.warning(
-                "ignored a consistency token of another cluster from %s (system %d, this is %d)",
-                source,
-                system,
-                self.system,
-            )
 
     # routing ---------------------------------------------------------------------------
 
@@ -387,17 +246,6 @@ class Replicas:
                 return self._fallback()
             _sleep(min(pause, remaining))
             pause = min(pause * 2, _LONGEST_POLL)
-
-    def needed(self) -> int | None:
-        if not self.read_your_writes:
-            return None
-        value = self.value()
-        if value is None:
-            return None
-        if value.system and self.system is not None and value.system != self.system:
-            self._log_foreign(value.system, "this context")
-            return None
-        return value.position
 
     def _rotation(self, *, advance: bool) -> tuple[Replica, ...]:
         replicas = self.replicas

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session, SessionTransaction
 
-    from .replicas import Consistency
+    from .consistency import Consistency
     from .routing import Route
     from .transactions import TransactionOptions
 
