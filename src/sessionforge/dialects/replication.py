@@ -75,24 +75,25 @@ def replica_position(dbapi_connection: Any, *, in_transaction: bool) -> ServerPo
 
 def _fetch(dbapi_connection: Any, statement: str, in_transaction: bool) -> Any:
     if in_transaction:
-        cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(statement)
-            return cursor.fetchone()
+            return _row(dbapi_connection, statement)
         finally:
-            cursor.close()
             dbapi_connection.rollback()
     was = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(statement)
-            return cursor.fetchone()
-        finally:
-            cursor.close()
+        return _row(dbapi_connection, statement)
     finally:
         dbapi_connection.autocommit = was
+
+
+def _row(dbapi_connection: Any, statement: str) -> Any:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(statement)
+        return cursor.fetchone()
+    finally:
+        cursor.close()
 
 
 def format_lsn(position: int) -> str:
