@@ -382,3 +382,148 @@ async def test_refusals_are_explained(driver: str, change: dict[str, Any], expec
         assert "secret" not in str(refused.value)
     finally:
         await db.dispose()
+
+
+# --- round trips: ping() and the return to the pool --------------------------------------
+
+#: What ``commands`` reads: the server's own per-connection counters.
+COUNTERS = ("Questions", "Com_admin_commands", "Com_commit", "Com_rollback", "Com_update")
+SHOW_COUNTERS = "SHOW SESSION STATUS WHERE Variable_name IN ({})".format(
+    ", ".join(f"'{name}'" for name in COUNTERS)
+)
+
+
+def _counted(rows: Any) -> dict[str, int]:
+    values = {str(name): int(value) for name, value in rows}
+    return {name: values[name] for name in COUNTERS}
+
+
+async def commands(db: SessionFactory[Any], action: Callable[[], Any]) -> dict[str, int]:
+    """What ``action`` sent to the one pooled connection of ``db``, by the server's count.
+
+    ``SHOW SESSION STATUS`` on that connection, before and after, less what reading
+    the counters costs by itself (``Questions`` counts statements; a COM_PING counts
+    in ``Com_admin_commands`` only). Zero counts are left out.
+    """
+
+    async def read() -> dict[str, int]:
+        async with db() as session:
+            return _counted((await session.execute(text(SHOW_COUNTERS))).all())
+
+    await read()  # the connection exists
+    first, second = await read(), await read()
+    await action()
+    third = await read()
+    delta = {name: (third[name] - second[name]) - (second[name] - first[name]) for name in first}
+    return {name: count for name, count in delta.items() if count}
+
+
+def sync_commands(db: SessionFactory[Any], action: Callable[[], Any]) -> dict[str, int]:
+    """``commands`` on the sync twin's one pooled connection (PyMySQL)."""
+
+    def read() -> dict[str, int]:
+        with db.sync() as session:
+            return _counted(session.execute(text(SHOW_COUNTERS)).all())
+
+    read()
+    first, second = read(), read()
+    action()
+    third = read()
+    delta = {name: (third[name] - second[name]) - (second[name] - first[name]) for name in first}
+    return {name: count for name, count in delta.items() if count}
+
+
+async def test_ping_is_one_command(make: Callable[..., SessionFactory[Any]]) -> None:
+    """One COM_PING and no statement (it was six: SET AUTOCOMMIT, SELECT 1, ROLLBACK, ...)."""
+    db = make(pool_size=1, max_overflow=0)
+    assert await commands(db, db.ping) == {"Com_admin_commands": 1}
+    assert await asyncio.to_thread(sync_commands, db, db.sync.ping) == {"Com_admin_commands": 1}
+    assert db.status().checked_out == 0
+
+
+async def test_a_committed_transaction_sends_no_rollback_at_return(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    """UPDATE and COMMIT, and nothing more: no ROLLBACK when the connection goes back."""
+    db = make(pool_size=1, max_overflow=0)
+    table = models.Counter.__table__
+
+    async def bump() -> None:
+        async with db.begin() as session:
+            await session.execute(
+                update(table).where(table.c.id == 1).values(value=table.c.value + 1)
+            )
+
+    def sync_bump() -> None:
+        with db.sync.begin() as session:
+            session.execute(update(table).where(table.c.id == 1).values(value=table.c.value + 1))
+
+    sent = {"Questions": 2, "Com_update": 1, "Com_commit": 1}
+    assert await commands(db, bump) == sent
+    assert await asyncio.to_thread(sync_commands, db, sync_bump) == sent
+    assert counter(models) == 2
+
+
+async def test_a_transaction_left_open_is_rolled_back_at_return(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    """A pool of one: the next user of the connection sees none of the previous one's work.
+
+    Closed mid-transaction by SQLAlchemy (a session) and behind its back (a statement on
+    the driver's own connection, which only the server's status flag shows).
+    """
+    db = make(pool_size=1, max_overflow=0)
+    statement = f"UPDATE {models.counter} SET value = 9 WHERE id = 1"
+
+    async def next_user() -> tuple[int, int, int]:
+        async with db.begin() as session:
+            # first: the server's word on whether the connection came in a transaction
+            state = (await session.execute(text("SELECT @@in_transaction, CONNECTION_ID()"))).one()
+            value = await session.scalar(
+                select(models.Counter.value).where(models.Counter.id == 1)
+            )
+            return int(state[0]), int(state[1]), int(value or 0)
+
+    _, connection_id, _ = await next_user()
+    session = db()
+    await session.execute(text(statement))
+    await session.close()
+    assert await next_user() == (0, connection_id, 0)
+
+    def behind_its_back() -> None:
+        with db.sync.engine.connect() as connection:
+            cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute(statement)
+            cursor.close()
+            connection.commit()  # SQLAlchemy began nothing, so this sends nothing
+
+    def sync_next_user() -> tuple[int, int]:
+        with db.sync.begin() as sync_session:
+            in_transaction = sync_session.scalar(text("SELECT @@in_transaction"))
+            value = sync_session.scalar(select(models.Counter.value).where(models.Counter.id == 1))
+            return int(in_transaction), int(value or 0)
+
+    await asyncio.to_thread(behind_its_back)
+    assert await asyncio.to_thread(sync_next_user) == (0, 0)
+    assert counter(models) == 0
+
+
+async def test_ping_of_a_killed_pooled_connection_fails_and_drops_it(
+    make: Callable[..., SessionFactory[Any]],
+) -> None:
+    """Without the liveness ping (ping_after=None) ping() says the connection was lost,
+    and the pool does not hand that connection on: the next ping answers."""
+    db = make(ping_after=None, pool_size=1, max_overflow=0)
+    async with db.begin() as session:
+        killed = await session.scalar(text("SELECT CONNECTION_ID()"))
+    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
+    with killer.connect() as connection:
+        connection.exec_driver_sql(f"KILL {int(killed)}")
+    killer.dispose()
+    await asyncio.sleep(0.1)
+    with pytest.raises(DatabaseUnavailableError):
+        await db.ping()
+    assert 0 < await db.ping() < 5
+    async with db.begin() as session:
+        assert await session.scalar(text("SELECT CONNECTION_ID()")) != killed
+    assert db.status().checked_out == 0

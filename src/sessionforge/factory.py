@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from ._internal.begin import AsyncBeginContext as AsyncBeginContext
 from ._internal.core import FactoryCore
 from ._internal.diagnosis import check_ping_timeout, unavailable
+from ._internal.ping import round_trip
 from ._internal.targets import resolve_target
 from ._internal.transactions import (
     RetryPolicy,
@@ -351,9 +352,7 @@ class SessionFactory(TwinBase, Generic[_AS]):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout), engine.connect() as connection:
-                # AUTOCOMMIT: one round trip, no BEGIN/ROLLBACK around the SELECT.
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-                await connection.exec_driver_sql("SELECT 1")
+                await connection.run_sync(round_trip)
         except (DBAPIError, OSError, TimeoutError) as exc:
             raise unavailable(engine.url, exc, timeout) from exc
         return time.perf_counter() - started

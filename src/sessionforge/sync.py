@@ -23,6 +23,7 @@ from ._internal.core import (
     unavailable,
 )
 from ._internal.engines import check_driver
+from ._internal.ping import round_trip
 from ._internal.transactions import (
     RetryPolicy,
     RetryPredicate,
@@ -303,9 +304,7 @@ class SyncSessionFactory(TwinBase, Generic[_S]):
         def probe() -> None:
             try:
                 with engine.connect() as connection:
-                    # AUTOCOMMIT: one round trip, no BEGIN/ROLLBACK around the SELECT.
-                    connection.execution_options(isolation_level="AUTOCOMMIT")
-                    connection.exec_driver_sql("SELECT 1")
+                    round_trip(connection)
             except BaseException as exc:  # handed to the caller below
                 outcome.put(exc)
             else:

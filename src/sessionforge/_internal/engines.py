@@ -157,6 +157,8 @@ def engine_kwargs(config: FactoryConfig, url: URL, *, is_async: bool) -> dict[st
         )
     if sqlite.is_sqlite(url):
         sqlite.engine_arguments(url, kwargs, connect_args, is_async=is_async)
+    if mysql.is_mysql(url):
+        mysql.engine_arguments(kwargs)
     if connect_args:
         kwargs["connect_args"] = connect_args
     kwargs.update(config.engine_options)
@@ -185,7 +187,9 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
     if mysql.is_mysql(url):
         if config.mysql_snapshot_isolation:
             mysql.install_snapshot_isolation(engine)
-        mysql.install_return_policy(engine)
+        mysql.install_return_policy(
+            engine, reset_on_return="pool_reset_on_return" not in config.engine_options
+        )
 
 
 def _prepare(engine: Engine, config: FactoryConfig) -> None:

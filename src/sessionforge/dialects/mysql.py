@@ -19,6 +19,15 @@
   when the connection returns to the pool (``install_return_policy``): a pool ``reset``
   listener, whose failure makes SQLAlchemy invalidate the connection rather than hand
   it on.
+- **The return to the pool** (``install_return_policy``): the pool's own reset
+  (``pool_reset_on_return``) is switched off for MySQL engines, and the connection is
+  rolled back at return only when the server said a transaction is open (the
+  ``SERVER_STATUS_IN_TRANS`` flag of its last reply, kept by every driver), or after a
+  failed statement (an error reply carries no flag). SQLAlchemy rolls back at every
+  return unless the ``Connection`` ended its transaction on the way out — which a
+  committed session's has not — so each committed transaction paid one ROLLBACK of
+  nothing.
+- **``ping()``** (``ping``): the driver's COM_PING, one round trip with no statement.
 - ``settings=`` is refused: MySQL has no transaction-local settings, and a session
   variable set for one transaction would reach the connection's next user.
 """
@@ -31,10 +40,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from sessionforge.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import ExceptionContext
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
 __all__ = [
@@ -42,9 +53,11 @@ __all__ = [
     "STATEMENT_TIME",
     "apply_settings",
     "check_settings",
+    "engine_arguments",
     "install_return_policy",
     "install_snapshot_isolation",
     "is_mysql",
+    "ping",
     "server_name",
     "statement_time_limit",
     "timeout_settings",
@@ -62,6 +75,11 @@ _SAVED: Final = "@sessionforge_statement_time"
 _RESTORE: Final = "sessionforge_restore_statement_time"
 _MARIADB_LIMIT: Final = "max_statement_time"  # seconds, a double; 0 = none
 _MYSQL_LIMIT: Final = "max_execution_time"  # milliseconds, SELECTs only; 0 = none
+# The server status flag of an open transaction, in every OK and EOF reply (the
+# protocol's SERVER_STATUS_IN_TRANS).
+_SERVER_STATUS_IN_TRANS: Final = 0x0001
+# record.info key: a statement failed on the connection, so its status flag is stale.
+_FAILED: Final = "sessionforge_statement_failed"
 
 
 def is_mysql(url: URL) -> bool:
@@ -154,27 +172,88 @@ def apply_settings(connection: Connection, settings: tuple[tuple[str, str], ...]
         )
 
 
-def install_return_policy(engine: Engine) -> None:
-    """Put a timed transaction's connection back to its own statement-time limit.
+def install_return_policy(engine: Engine, *, reset_on_return: bool) -> None:
+    """Roll back at return only when a transaction is open; restore a timed limit.
 
-    A pool ``reset`` listener runs on every return of a connection SQLAlchemy can still
-    talk to; when it raises, SQLAlchemy invalidates the connection, so the limit never
-    reaches the connection's next user.
+    Stands in for the pool's reset-on-return, switched off for MySQL engines
+    (``engine_arguments``); ``reset_on_return`` is False when the user passed their
+    own ``pool_reset_on_return``: theirs applies, as given, and only the limit is
+    restored here. A pool ``reset`` listener runs on every return of a connection
+    SQLAlchemy can still talk to; when it raises, SQLAlchemy invalidates the
+    connection, so neither an open transaction nor a timed transaction's limit reaches
+    the connection's next user.
     """
+    dialect = engine.dialect
 
     def on_reset(
         dbapi_connection: Any, record: ConnectionPoolEntry, state: PoolResetState
     ) -> None:
+        failed = record.info.pop(_FAILED, False)
         name = record.info.pop(_RESTORE, None)
-        if name is None or not state.asyncio_safe or state.terminate_only:
+        if not state.asyncio_safe or state.terminate_only:
             return
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"SET SESSION {name} = {_SAVED}")
-        finally:
-            cursor.close()
+        if reset_on_return and (failed or _in_transaction(dialect, dbapi_connection)):
+            dbapi_connection.rollback()
+        if name is not None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SET SESSION {name} = {_SAVED}")
+            finally:
+                cursor.close()
 
     event.listen(engine, "reset", on_reset)
+    if reset_on_return:
+        event.listen(engine, "handle_error", _note_failure)
+
+
+def engine_arguments(kwargs: dict[str, Any]) -> None:
+    """What every MySQL engine needs in its ``create_engine`` arguments."""
+    # The rollback on return is ours (install_return_policy), only when a transaction
+    # is open.
+    kwargs["pool_reset_on_return"] = None
+
+
+def _note_failure(context: ExceptionContext) -> None:
+    connection = context.connection
+    if connection is not None and not connection.invalidated:
+        connection.info[_FAILED] = True
+
+
+def _in_transaction(dialect: Any, dbapi_connection: Any) -> bool:
+    """The server's own word, from its last reply: is a transaction open?
+
+    PyMySQL, aiomysql and asyncmy keep the status flags of the last OK or EOF reply
+    in ``server_status``; a driver without them is rolled back, as the pool would.
+    """
+    status = getattr(dialect.get_driver_connection(dbapi_connection), "server_status", None)
+    if not isinstance(status, int):
+        return True
+    return bool(status & _SERVER_STATUS_IN_TRANS)
+
+
+def ping(connection: Connection) -> None:
+    """One round trip on ``connection``: the driver's COM_PING, no statement at all.
+
+    The driver's exception is raised as SQLAlchemy's ``DBAPIError`` (a statement's
+    would be), and a lost connection is invalidated, so the pool does not hand it on.
+    """
+    dialect = connection.dialect
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None  # a checked-out connection that is valid
+    try:
+        dialect.do_ping(dbapi_connection)
+    except dialect.loaded_dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, dbapi_connection, None)
+        if lost:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            None,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=lost,
+            dialect=dialect,
+        ) from exc
 
 
 def check_settings(settings: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
