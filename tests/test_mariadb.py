@@ -10,8 +10,10 @@ MySQL's refusals worded by the diagnosis. Both async drivers where it matters.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +27,7 @@ from sqlalchemy.pool import NullPool
 
 from sessionforge import SessionFactory
 from sessionforge.cli import main
+from sessionforge.cli.workload import build_models
 from sessionforge.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -527,3 +530,42 @@ async def test_ping_of_a_killed_pooled_connection_fails_and_drops_it(
     async with db.begin() as session:
         assert await session.scalar(text("SELECT CONNECTION_ID()")) != killed
     assert db.status().checked_out == 0
+
+
+# --- the demo -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def demo_prefix() -> Iterator[str]:
+    """A table prefix no other run uses; its tables are dropped afterwards."""
+    require_mariadb()
+    prefix = f"sf_demo_test_{uuid.uuid4().hex[:8]}"
+    yield prefix
+    engine = create_engine(url_for("pymysql"), poolclass=NullPool)
+    build_models(prefix).metadata.drop_all(engine)
+    engine.dispose()
+
+
+def test_the_demo_keeps_its_invariant_and_plain_loses_updates(
+    demo_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sessionforge demo --url mysql://...``: the preset's 1020s are re-run, nothing is
+    lost; ``--plain`` (bare SQLAlchemy, the same reads without FOR UPDATE) loses updates
+    at REPEATABLE READ with no error at all."""
+    url = make_url(MARIADB_URL).set(drivername="mysql").render_as_string(False)
+    # Three accounts make most transfers collide.
+    args = ["--url", url, "--table-prefix", demo_prefix, "--workers", "8", "--transfers", "25"]
+    args += ["--accounts", "3", "--seed", "1"]
+    assert main(["demo", *args]) == 0
+    out = capsys.readouterr().out
+    assert "committed:   200 of 200 transfers (0 failed)" in out
+    assert "total:       3000 (expected 3000 = 3 x 1000)" in out
+    assert "INVARIANT HOLDS: total 3000 == 3000, 200 committed == 200 logged" in out
+    assert re.search(r"retried: +[1-9]\d* conflicting transactions re-run", out)
+
+    assert main(["demo", "--plain", *args]) == 0  # showing the loss is the point: exit 0
+    out = capsys.readouterr().out
+    assert "committed:   200 of 200 transfers (0 failed)" in out  # no error to anyone
+    assert "INVARIANT BROKEN:" in out
+    assert re.search(r"total balance is \d+, expected 3000 \(off by [+-]\d+\): updates", out)
+    assert "errors:" not in out

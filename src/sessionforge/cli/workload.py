@@ -5,20 +5,20 @@ amount between two random accounts, every transfer one transaction that reads bo
 balances, writes both, and inserts one row into a transfer log. Here are the tables
 (``build_models``), one transfer, the workers with their counters and progress, the
 schema setup and the final state read back for the invariant. The workload runs on a
-``Target`` (transactions, engine, pool figures), so it is the same code with
-sessionforge or with bare SQLAlchemy; choosing the target, judging the invariant and
-printing are ``demo.py``'s.
+``Target`` (a way to run one transaction, the engine, pool figures), so it is the same
+code with sessionforge or with bare SQLAlchemy; choosing the target, judging the
+invariant and printing are ``demo.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Final
 
@@ -33,13 +33,13 @@ from sessionforge._internal.core import FactoryStatus, unavailable
 __all__ = [
     "INITIAL_BALANCE",
     "AccountRow",
-    "BeginFactory",
     "Counters",
     "DemoModels",
     "DemoProgress",
     "DemoSettings",
     "FinalState",
     "ProgressCallback",
+    "Runner",
     "Target",
     "TransferRow",
     "build_models",
@@ -55,7 +55,9 @@ _SETUP_TIMEOUT: Final = 10.0
 _ERROR_TEXT_LIMIT: Final = 160
 
 ProgressCallback = Callable[["DemoProgress"], None]
-BeginFactory = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+#: Runs one transaction: ``await run(body)`` calls ``body(session)`` in a transaction
+#: and commits (sessionforge: ``run_transaction``, re-running it on conflicts).
+Runner = Callable[[Callable[[AsyncSession], Awaitable[None]]], Awaitable[None]]
 
 
 # models ------------------------------------------------------------------------------
@@ -171,11 +173,16 @@ class DemoProgress:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What the workload needs from either mode: transactions, the engine, pool figures."""
+    """What the workload needs from either mode: transactions, the engine, pool figures.
 
-    begin: BeginFactory
+    ``lock_rows``: whether a transfer reads its rows with ``SELECT ... FOR UPDATE``
+    (see ``transfer``).
+    """
+
+    run: Runner
     engine: AsyncEngine
     status: Callable[[], FactoryStatus]
+    lock_rows: bool = True
 
 
 # the workload ------------------------------------------------------------------------
@@ -192,33 +199,42 @@ class Counters:
 
 
 async def transfer(
-    begin: BeginFactory, models: DemoModels, source: int, target: int, amount: int
+    session: AsyncSession,
+    models: DemoModels,
+    source: int,
+    target: int,
+    amount: int,
+    *,
+    lock_rows: bool = True,
 ) -> None:
-    """Move ``amount`` from account ``source`` to ``target`` in one transaction, logged.
+    """Move ``amount`` from account ``source`` to ``target`` in ``session``'s transaction.
 
-    The two rows are read with ``SELECT ... FOR UPDATE``, lower id first. On
+    Reads both balances (lower id first), writes both, logs the transfer. On
     PostgreSQL at READ COMMITTED a plain read-modify-write loses updates when two
-    transactions read the same balance before either writes; the row locks make the
-    second wait for the first, and taking them in one global order means two transfers
-    over the same pair can never deadlock. SQLite ignores FOR UPDATE: there
-    sessionforge's ``BEGIN IMMEDIATE`` preset takes the database's write lock at the
-    start of the transaction, which serialises writers just as well.
+    transactions read the same balance before either writes; ``lock_rows`` reads the
+    rows with ``SELECT ... FOR UPDATE``, so the second waits for the first, and taking
+    the locks in one global order means two transfers over the same pair can never
+    deadlock. SQLite ignores FOR UPDATE: there sessionforge's ``BEGIN IMMEDIATE``
+    preset takes the database's write lock at the start of the transaction, which
+    serialises writers just as well. On MariaDB the rows are read plainly (no
+    ``lock_rows``): InnoDB's REPEATABLE READ then loses updates silently, and
+    sessionforge's ``mysql_snapshot_isolation`` preset turns each would-be lost update
+    into error 1020, which ``run_transaction`` re-runs (issue 14).
     """
     first, second = sorted((source, target))
-    async with begin() as session:
-        low = await session.get(models.account, first, with_for_update=True)
-        high = await session.get(models.account, second, with_for_update=True)
-        if low is None or high is None:
-            raise LookupError(f"account {first if low is None else second} does not exist")
-        payer, payee = (low, high) if first == source else (high, low)
-        # Overdrafts are allowed: the invariant is about conservation, not solvency.
-        payer.balance -= amount
-        payee.balance += amount
-        session.add(models.transfer(source_id=source, target_id=target, amount=amount))
+    low = await session.get(models.account, first, with_for_update=lock_rows)
+    high = await session.get(models.account, second, with_for_update=lock_rows)
+    if low is None or high is None:
+        raise LookupError(f"account {first if low is None else second} does not exist")
+    payer, payee = (low, high) if first == source else (high, low)
+    # Overdrafts are allowed: the invariant is about conservation, not solvency.
+    payer.balance -= amount
+    payee.balance += amount
+    session.add(models.transfer(source_id=source, target_id=target, amount=amount))
 
 
 async def _worker(
-    begin: BeginFactory,
+    target: Target,
     models: DemoModels,
     settings: DemoSettings,
     rng: random.Random,
@@ -226,10 +242,18 @@ async def _worker(
 ) -> None:
     """Make ``settings.transfers`` transfers; count each as committed or failed."""
     for _ in range(settings.transfers):
-        source, target = rng.sample(range(1, settings.accounts + 1), 2)
+        source, payee = rng.sample(range(1, settings.accounts + 1), 2)
         amount = rng.randint(1, MAX_AMOUNT)
+        body = functools.partial(
+            transfer,
+            models=models,
+            source=source,
+            target=payee,
+            amount=amount,
+            lock_rows=target.lock_rows,
+        )
         try:
-            await transfer(begin, models, source, target, amount)
+            await target.run(body)
         except (SQLAlchemyError, OSError, LookupError) as exc:
             counters.failed += 1
             counters.errors[_describe_error(exc)] += 1
@@ -290,7 +314,7 @@ async def run_workers(
         async with asyncio.TaskGroup() as group:
             for _ in range(settings.workers):
                 rng = random.Random(seeder.getrandbits(64))
-                group.create_task(_worker(target.begin, models, settings, rng, counters))
+                group.create_task(_worker(target, models, settings, rng, counters))
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
