@@ -27,11 +27,14 @@ check: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# `make bench`: the suite on a temporary SQLite file, then on PostgreSQL when reachable
-# ($SESSIONFORGE_BENCH_URL, default below); each writes docs/benchmarks/suite-*.png and
-# results.md. About 5 minutes on 2 cores. BENCH_ARGS=--quick for a one-minute smoke run.
+# `make bench`: the suite on a temporary SQLite file, then on PostgreSQL and on MariaDB
+# when reachable ($SESSIONFORGE_BENCH_URL / $SESSIONFORGE_BENCH_MARIADB_URL, defaults
+# below; MariaDB runs the scenarios written for it, so far `factory`); each writes
+# docs/benchmarks/suite-*.png and results.md. About 5 minutes on 2 cores.
+# BENCH_ARGS=--quick for a one-minute smoke run.
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_URL ?= $(or $(SESSIONFORGE_BENCH_URL),postgresql+asyncpg://postgres@127.0.0.1:5432/test)
+BENCH_MARIADB_URL ?= $(or $(SESSIONFORGE_BENCH_MARIADB_URL),mysql+aiomysql://root@127.0.0.1:3306/test)
 BENCH_ARGS ?=
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
@@ -41,6 +44,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.suite --url sqlite $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.suite --url '$(BENCH_URL)' --skip-unreachable $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.suite --url '$(BENCH_MARIADB_URL)' --skip-unreachable $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache sessionforge-demo.db*

@@ -8,9 +8,10 @@ table and commits. The contenders differ only in how the transaction is opened:
   ``async_sessionmaker(create_async_engine(url), expire_on_commit=False).begin()``;
 * ``async_sessionmaker + pre_ping``: the baseline on an engine with
   ``pool_pre_ping=True``, the usual alternative to sessionforge's ``ping_after``;
-* ``raw asyncpg`` (PostgreSQL) or ``raw aiosqlite`` (SQLite): the driver alone,
-  ``BEGIN``, ``SELECT ... WHERE id = $1``, ``COMMIT`` on a pooled connection, to show
-  the floor the ORM paths sit above.
+* ``raw asyncpg`` (PostgreSQL), ``raw aiosqlite`` (SQLite) or ``raw aiomysql``
+  (``mysql+aiomysql``): the driver alone, ``BEGIN``, ``SELECT ... WHERE id = $1``,
+  ``COMMIT`` on a pooled connection, to show the floor the ORM paths sit above
+  (aiomysql begins implicitly at the SELECT, as under SQLAlchemy).
 
 Every contender gets a pool of ``--pool-size`` connections (no overflow). The table
 ``sf_bench_item`` is dropped and created at start and dropped at the end.
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import String, insert
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -38,11 +39,13 @@ from sessionforge import SessionFactory
 
 from . import harness
 from .harness import Contender, Params
-from .raw import AsyncpgPool, SqlitePool, open_pool, raw_name
+from .raw import AiomysqlPool, AsyncpgPool, SqlitePool, open_mysql_pool, open_pool, raw_name
 
 SCENARIO = "factory"
 BASELINE = "bare async_sessionmaker"
 ROWS = 1_000
+#: The backends whose raw pool ``raw_transaction`` drives.
+RAW_BACKENDS = ("postgresql", "sqlite", "mysql")
 
 
 class Base(DeclarativeBase):
@@ -55,7 +58,7 @@ class Item(Base):
     __tablename__ = "sf_bench_item"
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str]
+    name: Mapped[str] = mapped_column(String(64))  # MySQL's VARCHAR needs a length
     quantity: Mapped[int]
 
 
@@ -89,7 +92,9 @@ def sessionforge_contender(db: SessionFactory[AsyncSession]) -> Contender:
     return Contender("sessionforge", op)
 
 
-def raw_transaction(pool: AsyncpgPool | SqlitePool) -> Callable[[], Awaitable[None]]:
+def raw_transaction(
+    pool: AsyncpgPool | SqlitePool | AiomysqlPool,
+) -> Callable[[], Awaitable[None]]:
     """BEGIN, one primary-key SELECT, COMMIT on a raw pooled connection."""
     sql = SELECT_SQL + pool.placeholder
     if isinstance(pool, AsyncpgPool):
@@ -99,6 +104,17 @@ def raw_transaction(pool: AsyncpgPool | SqlitePool) -> Callable[[], Awaitable[No
                 await conn.fetchrow(sql, random_id())
 
         return pg_work
+    if isinstance(pool, AiomysqlPool):
+        mysql_pool = pool
+
+        async def mysql_work() -> None:
+            async with mysql_pool.acquire() as conn:
+                async with conn.cursor() as cursor:
+                    await cursor.execute(sql, (random_id(),))
+                    await cursor.fetchone()
+                await conn.commit()
+
+        return mysql_work
     sqlite_pool = pool
 
     async def lite_work() -> None:
@@ -157,9 +173,10 @@ async def contenders(params: Params) -> AsyncIterator[Sequence[Contender]]:
         pinged = pooled_engine(params, stack, pool_pre_ping=True)
         db = pooled_factory(params, stack)
         chosen = [sessionforge_contender(db), sqlalchemy_contender(BASELINE, bare)]
-        name = raw_name(params.url)
+        name = raw_name(params.url, RAW_BACKENDS)
         if name is not None:
-            pool = await open_pool(params.url, params.pool_size, stack)
+            opener = open_mysql_pool if name == "raw aiomysql" else open_pool
+            pool = await opener(params.url, params.pool_size, stack)
             chosen.append(Contender(name, raw_transaction(pool)))
         chosen.append(sqlalchemy_contender("async_sessionmaker + pre_ping", pinged))
         yield chosen

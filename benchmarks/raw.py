@@ -1,6 +1,7 @@
-"""The raw-driver contenders' connection pools: asyncpg's own, and a queue of aiosqlite.
+"""The raw-driver contenders' connection pools: asyncpg's own, a queue of aiosqlite, and
+aiomysql's own (MariaDB/MySQL, the factory scenario only so far).
 
-Both expose ``acquire()`` (an async context manager yielding a connection) and
+Each exposes ``acquire()`` (an async context manager yielding a connection) and
 ``checked_out()`` (connections currently lent out), so a scenario can write one raw
 contender per backend and check for leaks after a measurement.
 """
@@ -8,20 +9,36 @@ contender per backend and check for leaks after a measurement.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiosqlite
 from sqlalchemy.engine import make_url
 
-__all__ = ["AsyncpgPool", "SqlitePool", "open_pool", "raw_name"]
+__all__ = ["AiomysqlPool", "AsyncpgPool", "SqlitePool", "open_mysql_pool", "open_pool", "raw_name"]
+
+#: The raw contender of each backend, and the driver it needs in the URL (None: any).
+_RAW: dict[str, tuple[str, str | None]] = {
+    "postgresql": ("raw asyncpg", None),
+    "sqlite": ("raw aiosqlite", None),
+    "mysql": ("raw aiomysql", "aiomysql"),
+}
 
 
-def raw_name(url: str) -> str | None:
-    """``"raw asyncpg"`` / ``"raw aiosqlite"`` for a URL with a raw contender, else None."""
-    backend = make_url(url).get_backend_name()
-    return {"postgresql": "raw asyncpg", "sqlite": "raw aiosqlite"}.get(backend)
+def raw_name(url: str, backends: Collection[str] = ("postgresql", "sqlite")) -> str | None:
+    """``"raw asyncpg"`` / ``"raw aiosqlite"`` / ``"raw aiomysql"`` for a URL with a raw
+    contender among ``backends`` (the scenarios that can drive that pool), else None.
+
+    MySQL's raw contender is aiomysql, so it stands beside ``mysql+aiomysql`` only: the
+    comparison is with the same driver.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in backends or backend not in _RAW:
+        return None
+    name, driver = _RAW[backend]
+    return name if driver in (None, parsed.get_driver_name()) else None
 
 
 class AsyncpgPool:
@@ -38,6 +55,23 @@ class AsyncpgPool:
 
     def checked_out(self) -> int:
         return int(self.pool.get_size() - self.pool.get_idle_size())
+
+
+class AiomysqlPool:
+    """An ``aiomysql`` pool of fixed size, autocommit off (as SQLAlchemy runs it);
+    placeholders are ``%s``. Its release closes a connection left in a transaction."""
+
+    placeholder = "%s"
+
+    def __init__(self, pool: Any, size: int) -> None:
+        self.pool = pool
+        self.size = size
+
+    def acquire(self) -> Any:
+        return self.pool.acquire()
+
+    def checked_out(self) -> int:
+        return int(self.pool.size - self.pool.freesize)
 
 
 class SqlitePool:
@@ -71,7 +105,10 @@ class SqlitePool:
 
 
 async def open_pool(url: str, size: int, stack: AsyncExitStack) -> AsyncpgPool | SqlitePool:
-    """A raw pool of ``size`` connections to ``url``, closed when ``stack`` unwinds."""
+    """A raw pool of ``size`` connections to ``url``, closed when ``stack`` unwinds.
+
+    PostgreSQL or SQLite; ``open_mysql_pool`` for MariaDB/MySQL.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
         import asyncpg
@@ -86,3 +123,27 @@ async def open_pool(url: str, size: int, stack: AsyncExitStack) -> AsyncpgPool |
         stack.push_async_callback(conn.close)
         sqlite.idle.put_nowait(conn)
     return sqlite
+
+
+async def open_mysql_pool(url: str, size: int, stack: AsyncExitStack) -> AiomysqlPool:
+    """An aiomysql pool of ``size`` connections to ``url``, closed when ``stack`` unwinds."""
+    import aiomysql  # type: ignore[import-untyped]
+
+    parsed = make_url(url)
+    pool = await aiomysql.create_pool(
+        host=parsed.host or "127.0.0.1",
+        port=parsed.port or 3306,
+        user=parsed.username or "root",
+        password=parsed.password or "",
+        db=parsed.database or "",
+        minsize=size,
+        maxsize=size,
+        autocommit=False,
+    )
+
+    async def close() -> None:
+        pool.close()
+        await pool.wait_closed()
+
+    stack.push_async_callback(close)
+    return AiomysqlPool(pool, size)

@@ -13,8 +13,10 @@ writes:
   ``latest-<backend>.json``, with the date and the machine.
 
 ``--out DIR`` sends all of it to ``DIR`` instead. ``<backend>`` is ``sqlite`` or
-``postgres``. ``--url sqlite`` (the default) is a SQLite file in a temporary directory;
-any other SQLAlchemy URL works too (the driver defaults to aiosqlite / asyncpg).
+``postgres`` or ``mariadb``. ``--url sqlite`` (the default) is a SQLite file in a
+temporary directory; any other SQLAlchemy URL works too (the driver defaults to
+aiosqlite / asyncpg / aiomysql). On MariaDB/MySQL only the scenarios whose
+``backends`` name ``mysql`` run (the others say "not for mysql").
 The chart needs matplotlib (``pip install 'sessionforge[bench]'``); without it the
 suite says so and still writes the JSON and the tables.
 
@@ -88,7 +90,13 @@ class Scenario:
 
 # The suite runs these, in this order. Adding a scenario is one line here.
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("factory", "begin + one read", bench_factory.contenders, bench_factory.BASELINE),
+    Scenario(
+        "factory",
+        "begin + one read",
+        bench_factory.contenders,
+        bench_factory.BASELINE,
+        frozenset({"postgresql", "sqlite", "mysql"}),
+    ),
     Scenario("write", "begin + one insert", bench_write.contenders, bench_write.BASELINE),
     Scenario("read", "read-only request", bench_read.contenders, bench_read.BASELINE),
     Scenario("asgi", "FastAPI endpoint", bench_asgi.contenders, bench_asgi.BASELINE),
@@ -226,13 +234,24 @@ def resolve_url(url: str, stack: ExitStack) -> URL:
         parsed = parsed.set(drivername="sqlite+aiosqlite")
     elif backend == "postgresql" and parsed.get_driver_name() in {"psycopg2", ""}:
         parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif backend in {"mysql", "mariadb"}:
+        # mariadb:// is folded to mysql, as sessionforge does; mysqldb is SQLAlchemy's
+        # default when no driver is named.
+        driver = parsed.get_driver_name()
+        parsed = parsed.set(
+            drivername=f"mysql+{'aiomysql' if driver in {'mysqldb', ''} else driver}"
+        )
     if backend == "sqlite" and parsed.database in {None, "", ":memory:"}:
         raise SystemExit("the suite needs a SQLite file, not an in-memory database")
     return parsed
 
 
+#: The file-name label of each backend (``suite-<label>.png``, ``latest-<label>.json``).
+LABELS = {"postgresql": "postgres", "mysql": "mariadb"}
+
+
 def backend_label(url: URL) -> str:
-    return "postgres" if url.get_backend_name() == "postgresql" else url.get_backend_name()
+    return LABELS.get(url.get_backend_name(), url.get_backend_name())
 
 
 async def server_version(url: str) -> str:
@@ -243,6 +262,10 @@ async def server_version(url: str) -> str:
             if engine.dialect.name == "postgresql":
                 version = (await conn.execute(text("SHOW server_version"))).scalar_one()
                 return f"PostgreSQL {version}"
+            if engine.dialect.name in {"mysql", "mariadb"}:
+                version = str((await conn.execute(text("SELECT VERSION()"))).scalar_one())
+                server = "MariaDB" if "mariadb" in version.lower() else "MySQL"
+                return f"{server} {version.split('-')[0]}"
             return f"SQLite {sqlite3.sqlite_version}"
     finally:
         await engine.dispose()
@@ -585,7 +608,7 @@ def publish(results_dir: Path, docs_dir: Path, labels: Sequence[str]) -> None:
     """Draw the chart of each backend in ``labels`` and rebuild results.md (all backends)."""
     documents = {
         name: json.loads((results_dir / f"latest-{name}.json").read_text())
-        for name in ("sqlite", "postgres")
+        for name in ("sqlite", "postgres", "mariadb")
         if (results_dir / f"latest-{name}.json").exists()
     }
     for label in labels:
@@ -607,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results_dir = args.out or harness.RESULTS_DIR
     docs_dir = args.out or DOCS_DIR
     if args.redraw:
-        publish(results_dir, docs_dir, ("sqlite", "postgres"))
+        publish(results_dir, docs_dir, ("sqlite", "postgres", "mariadb"))
         return 0
     with ExitStack() as stack:
         url = resolve_url(args.url, stack)
