@@ -20,7 +20,14 @@ from sqlalchemy.pool import NullPool
 
 from sessionforge import FactoryConfig
 
-from .conftest import PG_URL, require_postgres
+from .conftest import (
+    MARIADB_URL,
+    NOT_YET_ISOLATED,
+    PG_URL,
+    apply_backend_marks,
+    require_mariadb,
+    require_postgres,
+)
 
 ROOT = Path(__file__).parent.parent
 TABLES = ("example_item", "example_account")
@@ -44,12 +51,19 @@ def drop_tables(url: str) -> None:
     params=[
         pytest.param("sqlite", id="sqlite-file"),
         pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", id="mysql", marks=pytest.mark.mysql),
     ]
 )
 def example_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    apply_backend_marks(request, request.param)
     if request.param == "postgres":
         require_postgres()
-    url = f"sqlite:///{tmp_path / 'example.db'}" if request.param == "sqlite" else PG_URL
+        url = PG_URL
+    elif request.param == "mysql":
+        require_mariadb()
+        url = MARIADB_URL
+    else:
+        url = f"sqlite:///{tmp_path / 'example.db'}"
     drop_tables(url)
     yield url
     drop_tables(url)
@@ -151,6 +165,7 @@ async def test_example_under_uvicorn_with_concurrent_requests(
     engine.dispose()
 
 
+@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_example_in_process_under_isolation(
     example_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

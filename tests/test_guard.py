@@ -270,8 +270,14 @@ async def test_an_exit_inside_the_holders_own_operation_does_not_deadlock(
     await assert_nothing_left(db, application_name)
 
 
-# PostgreSQL only: a statement the server can be made to drop (SQLite's runs on).
-@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+# The servers only: a statement the server can be made to drop (SQLite's runs on).
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
+)
 async def test_past_pool_timeout_the_connection_is_invalidated(
     make_named_db: DbMaker, backend: str, application_name: str
 ) -> None:
@@ -280,7 +286,8 @@ async def test_past_pool_timeout_the_connection_is_invalidated(
 
     async def work(session: Any) -> None:
         nonlocal holder
-        holder = asyncio.create_task(session.execute(text("SELECT pg_sleep(30)")))
+        sleep = "SELECT pg_sleep(30)" if is_postgres(db) else "SELECT SLEEP(30)"
+        holder = asyncio.create_task(session.execute(text(sleep)))
         await asyncio.sleep(0.05)
         await session.execute(text("SELECT 2"))
 

@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from sessionforge import SessionFactory
 
-from .conftest import PG_URL, require_postgres
+from .conftest import MARIADB_URL, PG_URL, require_mariadb, require_postgres
 
 PRELUDE = """
 import asyncio, gc, logging, sys
@@ -85,6 +85,12 @@ def test_celery_style_worker_runs_one_loop_per_job(loop_url: str) -> None:
     assert out.strip().endswith("ok")
 
 
+@pytest.mark.xfail_backend(
+    "mysql",
+    reason="not yet supported on MariaDB (issue 14, dialect work): the engine of a loop "
+    "closed without shutdown_asyncgens is dropped, and aiomysql's Connection.__del__ then "
+    "closes its transport on the closed loop ('Event loop is closed' on stderr)",
+)
 def test_loop_closed_without_shutdown_is_dropped_quietly(loop_url: str) -> None:
     out = run_script(
         """
@@ -131,7 +137,13 @@ def test_asyncio_run_closes_the_server_connections(pg_url: str, prefix: str) -> 
 SHARED: dict[str, Any] = {}
 
 
-@pytest.fixture(params=["sqlite-file", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "sqlite-file",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
 def shared_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[SessionFactory[Any], list[Any]]:
@@ -140,6 +152,9 @@ def shared_factory(
         if backend == "postgres":
             require_postgres()
             url = PG_URL
+        elif backend == "mysql":
+            require_mariadb()
+            url = MARIADB_URL
         else:
             url = f"sqlite:///{tmp_path_factory.getbasetemp() / 'shared-across-loops.db'}"
         SHARED[backend] = (SessionFactory(url), [])
