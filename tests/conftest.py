@@ -39,12 +39,7 @@ BACKENDS = [
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Registered here rather than in pyproject.toml, next to the backend it marks.
-    config.addinivalue_line(
-        "markers",
-        "mysql: needs the MariaDB server (skipped locally when unreachable, required when "
-        "CI=true)",
-    )
+    # The backend marks read by apply_backend_marks(), registered next to it.
     config.addinivalue_line(
         "markers",
         "skip_backend(name, reason): the behaviour cannot exist on that backend; its case of "
