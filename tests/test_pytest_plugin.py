@@ -196,7 +196,7 @@ def test_generated_project_is_isolated_per_test(
         require_mariadb()
         url = MARIADB_URL
         if twin == "async":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_YET_ISOLATED))
+            pytest.skip(f"not on mysql: {NOT_YET_ISOLATED}")
     prefix = f"sf_plugin_{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MYAPP_DATABASE_URL", url)
     monkeypatch.setenv("MYAPP_PREFIX", prefix)
@@ -278,11 +278,7 @@ def example_files() -> dict[str, str]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_readme_fastapi_example_runs(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    backend: str,
-    request: pytest.FixtureRequest,
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: str
 ) -> None:
     files = example_files()
     assert set(files) == {"myapp.py", "pyproject.toml", "test_myapp.py"}
@@ -294,7 +290,7 @@ def test_the_readme_fastapi_example_runs(
         else:
             require_mariadb()
             url = MARIADB_URL
-            request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_YET_ISOLATED))
+            pytest.skip(f"not on mysql: {NOT_YET_ISOLATED}")
         # The example's table is called "users": keep other runs' out of the way.
         engine = create_engine(FactoryConfig.from_url(url).sync_url, poolclass=NullPool)
         try:

@@ -50,7 +50,7 @@ def assert_clean(db: SessionFactory[Any], models: Models, outside: Engine) -> No
 # --- commits go to a savepoint, the end rolls everything back ------------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_async_commits_are_seen_inside_and_rolled_back_at_exit(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -99,7 +99,7 @@ async def test_sync_twin_commits_are_seen_inside_and_rolled_back_at_exit(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_async_factory_isolated_from_sync_code(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -119,7 +119,7 @@ async def test_async_factory_isolated_from_sync_code(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_sessions_in_other_threads_and_loops_share_the_isolation(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -142,7 +142,7 @@ async def test_sessions_in_other_threads_and_loops_share_the_isolation(
 # --- savepoints and rollbacks inside app code ------------------------------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_nested_atomic_and_rollback_behave_as_outside(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -197,7 +197,7 @@ async def test_nested_atomic_and_rollback_behave_as_outside(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_a_failed_statement_leaves_the_isolation_usable(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -217,7 +217,7 @@ async def test_a_failed_statement_leaves_the_isolation_usable(
 # --- concurrent users are serialised ---------------------------------------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_concurrent_tasks_are_serialised_not_failed(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -267,7 +267,7 @@ async def test_concurrent_threads_are_serialised_not_failed(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_a_session_opened_inside_another_by_the_same_task_nests(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -285,7 +285,7 @@ async def test_a_session_opened_inside_another_by_the_same_task_nests(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_a_session_left_open_makes_the_next_one_fail_clearly(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -308,7 +308,7 @@ async def test_a_session_left_open_makes_the_next_one_fail_clearly(
 # --- on-commit hooks ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_async_hooks_are_captured_and_run_on_demand(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -356,7 +356,7 @@ async def test_sync_hooks_are_captured_and_run_on_demand(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_run_hooks_true_runs_them_at_commit(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -374,7 +374,7 @@ async def test_run_hooks_true_runs_them_at_commit(
 # --- per-transaction options, misuse ----------------------------------------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_transaction_options_under_isolation(
     db: SessionFactory[Any], models: Models, backend: str, outside: Engine
 ) -> None:
@@ -413,7 +413,7 @@ async def test_the_other_twin_is_refused_while_one_is_isolated(
 # --- found in review: concurrency shapes that must wait, not fail -----------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_session_add_while_another_session_holds_the_connection_waits(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -440,7 +440,7 @@ async def test_session_add_while_another_session_holds_the_connection_waits(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_task_started_inside_a_transaction_may_outlive_its_commit(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -463,7 +463,7 @@ async def test_task_started_inside_a_transaction_may_outlive_its_commit(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_timeout_expiring_mid_statement_leaves_the_test_usable(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -494,7 +494,7 @@ ENDED = r"isolated\(\) block ended while this session was still open"
 WAITING = r"isolated\(\) block ended while this session was waiting for its turn"
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_session_left_open_at_exit_is_reported_and_refused_afterwards(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -535,7 +535,7 @@ async def test_a_session_left_open_at_exit_is_reported_and_refused_afterwards(
     assert db.status().sessions_open == 0
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_closed_session_used_after_the_block_is_refused(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -564,7 +564,7 @@ async def test_a_closed_session_used_after_the_block_is_refused(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, run=False)  # hangs otherwise
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 @pytest.mark.parametrize(
     "ending",
     [
@@ -642,7 +642,7 @@ async def test_a_thread_still_in_a_transaction_at_exit_fails_clearly_later(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_sessions_waiting_for_the_connection_at_exit_are_woken_at_once(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -711,7 +711,7 @@ async def test_sessions_waiting_for_the_connection_at_exit_are_woken_at_once(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED)
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_no_leftover_warning_when_the_block_raises(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -729,7 +729,7 @@ async def test_no_leftover_warning_when_the_block_raises(
 # --- a holder that can never release ---------------------------------------------------
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_garbage_collected_holder_fails_the_next_session_at_once(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -768,7 +768,7 @@ async def test_a_garbage_collected_holder_fails_the_next_session_at_once(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.xfail_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
+@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_slow_holder_is_still_waited_for(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
