@@ -30,7 +30,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
+from sessionforge.dialects.errors import is_connection_error
 from sessionforge.dialects.replication import commit_position
+from sessionforge.errors import DatabaseUnavailableError
 
 from . import sqla as _sqla
 from .replicas import Replica, Replicas, Twin
@@ -148,15 +150,11 @@ class Route:
 
 def reroutable(exc: BaseException) -> bool:
     """Whether a failure to get a replica connection means "try another server"."""
-    from sessionforge import dialects
-    from sessionforge.errors import DatabaseUnavailableError
-
     if isinstance(exc, DatabaseUnavailableError | OSError | TimeoutError):
         return True
-    classify = getattr(dialects, "is_connection_error", None)
-    if classify is not None and classify(exc):
-        return True
-    return bool(getattr(exc, "connection_invalidated", False))
+    return is_connection_error(exc, connecting=True) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
 
 
 class RoutedMethods(_sqla.RerouteOnConnect):
