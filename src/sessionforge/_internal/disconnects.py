@@ -40,10 +40,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 
 from sessionforge.dialects import errors as dialect_errors
-
-# The reader's marker on its pooled connection (dialects/postgresql.py owns it; a public
-# helper there, e.g. ``is_reader_connection(info)``, would be better).
-from sessionforge.dialects.postgresql import _READER_AUTOCOMMIT
+from sessionforge.dialects.postgresql import is_reader_connection
 from sessionforge.errors import AmbiguousCommitError, DatabaseUnavailableError
 
 from . import sqla as _sqla
@@ -150,7 +147,7 @@ def _opened_read_only(connection: Connection) -> bool:
     # A reader: behind PgBouncer on asyncpg a READ ONLY transaction (the adapter's flag,
     # also what postgresql_readonly sets), otherwise autocommit.
     return bool(getattr(proxied.dbapi_connection, "readonly", False)) or bool(
-        proxied.info.get(_READER_AUTOCOMMIT)
+        is_reader_connection(proxied.info)
     )
 
 

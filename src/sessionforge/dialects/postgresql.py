@@ -34,6 +34,7 @@ __all__ = [
     "connect_args",
     "driver_isolation_level",
     "install_reader_autocommit_reset",
+    "is_reader_connection",
     "listed_hosts",
     "normalise_hosts",
     "reader_begin_listener",
@@ -290,6 +291,11 @@ def reader_begin_listener(url: URL) -> Callable[[Session, Any, Connection], None
     its readers stay in autocommit.
     """
     return _autocommit_reader_connection if reader_flips_autocommit(url) else None
+
+
+def is_reader_connection(info: Mapping[str, Any]) -> bool:
+    """Whether a pooled connection (its ``info``) is serving a reader in autocommit now."""
+    return bool(info.get(_READER_AUTOCOMMIT))
 
 
 def install_reader_autocommit_reset(engine: Engine) -> None:
