@@ -92,6 +92,17 @@ def connect_args(name: str, value: Any, *, url: str = PG, sync: bool = False) ->
     return engine_argument(name, value, url=url, sync=sync).get("connect_args", {})
 
 
+def connect_password(value: Any, *, sync: bool = False) -> Any:
+    """The password the engine's do_connect listeners give a new connection."""
+    config = FactoryConfig.from_url(PG, password=value)
+    engine = build_sync_engine(config) if sync else build_async_engine(config).sync_engine
+    cparams: dict[str, Any] = {}
+    for listener in engine.dialect.dispatch.do_connect:
+        listener(engine.dialect, None, [], cparams)
+    engine.dispose()
+    return cparams.get("password")
+
+
 def sync_session(**options: Any) -> Session:
     sdb: SyncSessionFactory[Any] = SyncSessionFactory("sqlite://", **options)
     session: Session = sdb()
@@ -193,6 +204,10 @@ DESTINATIONS: dict[str, Callable[[Path], bool]] = {
     "echo": lambda _: pool_figures("echo", True) is True,
     "isolation_level": lambda _: (
         engine_argument("isolation_level", "serializable")["isolation_level"] == "SERIALIZABLE"
+    ),
+    "password": lambda _: (
+        connect_password("s3cret") == "s3cret"
+        and connect_password(lambda: "token", sync=True) == "token"
     ),
     "connect_args": lambda _: (
         connect_args("connect_args", {"timeout": 3})["timeout"] == 3

@@ -24,10 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from . import dialects
+from ._internal import environment
 from ._internal.arguments import FactoryArguments as FactoryArguments
 from ._internal.arguments import FactoryOptions as FactoryOptions
 from ._internal.arguments import SyncFactoryArguments as SyncFactoryArguments
 from ._internal.arguments import SyncFactoryOptions as SyncFactoryOptions
+from ._internal.credentials import Password, check_password, check_password_use, shown_password
 from ._internal.options import (
     DEFAULT_PING_AFTER,
     Option,
@@ -101,6 +103,12 @@ class FactoryConfig:
     echo: bool | Literal["debug"] = option("engine", False, _echo, "", **_IF_ON)
     isolation_level: str | None = option(
         "engine", None, _optional_str, "create_engine(isolation_level=), as the driver spells it"
+    )
+    password: Password | None = option(  # noqa: RUF009 (a callable is not immutable)
+        "engine",
+        None,
+        check_password,
+        "each new connection's password: a str, or a callable asked each time (not SQLite)",
     )
     connect_args: Mapping[str, Any] = mapping_option("engine", "the async engine's connect_args")
     # Accepted with a user's engine: the sync twin's engine is still built by sessionforge.
@@ -195,6 +203,8 @@ class FactoryConfig:
                 dialects.check_isolation_level(self.url, self.isolation_level),
             )
         self._check_replicas()
+        if self.password is not None:
+            check_password_use(self.url, self.replicas, self.connect_args, self.sync_connect_args)
         self._check_engine_options()
         self._check_session_options()
         self._check_memory_pool()
@@ -227,15 +237,19 @@ class FactoryConfig:
         var: str = "DATABASE_URL",
         *,
         default: str = DEFAULT_URL,
-        class_: type[AsyncSession] = AsyncSession,
+        class_: type[AsyncSession] | None = None,
         **options: Unpack[FactoryOptions],
     ) -> FactoryConfig:
-        """Build a config from the URL in environment variable ``var``.
-
-        When ``var`` is unset or empty the embedded default is used: a SQLite file
-        ``sessionforge.db`` in the working directory.
-        """
-        return cls.from_url(os.environ.get(var) or default, class_=class_, **options)
+        """Build a config from the URL in variable ``var`` (unset or empty: ``default``,
+        a SQLite file ``sessionforge.db`` in the working directory) and the options in
+        ``SESSIONFORGE_<OPTION>`` variables (``_internal/environment.py``), which keyword
+        arguments override."""
+        found = environment.read_options(os.environ, _OPTIONS, cls, url_variable=var)
+        read = {name: value for name, value in found.items() if name not in options}
+        read_class = read.pop("class_", AsyncSession)
+        with environment.naming_variables(read):
+            url = os.environ.get(var) or default
+            return cls.from_url(url, class_=class_ or read_class, **read, **options)
 
     def replace(self, **changes: Any) -> FactoryConfig:
         """Return a validated copy with ``changes`` applied.
@@ -321,6 +335,8 @@ class FactoryConfig:
                 continue
             if isinstance(value, Mapping):
                 value = mask_mapping(value)
+            elif name == "password":
+                value = shown_password(value)
             elif name == "replicas":
                 value = [mask_url(url) for url in value]
             elif isinstance(value, type):

@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.session import JoinTransactionMode
 
+from .credentials import Password
+
 __all__ = [
     "FactoryArguments",
     "FactoryOptions",
@@ -30,6 +32,7 @@ class _CommonOptions(TypedDict, total=False):
     pool_use_lifo: bool
     echo: bool | Literal["debug"]
     isolation_level: str | None
+    password: Password | None
     connect_args: Mapping[str, Any]
     sync_connect_args: Mapping[str, Any]
     engine_options: Mapping[str, Any]

@@ -38,6 +38,7 @@ from sessionforge.errors import ConfigurationError
 
 from . import disconnects
 from . import sqla as _sqla
+from .credentials import check_sync_password, install_password
 from .diagnosis import scrub
 from .urls import mask_url
 
@@ -104,6 +105,7 @@ def build_sync_engine(config: FactoryConfig) -> Engine:
     """Create the sync twin's engine for ``config``, with the same presets."""
     url = config.sync_url
     check_driver(url, is_async=False)
+    check_sync_password(config.password)
     kwargs = engine_kwargs(config, url, is_async=False)
     try:
         engine = create_engine(url, **kwargs)
@@ -193,6 +195,7 @@ def apply_presets(engine: Engine, config: FactoryConfig) -> None:
 
 
 def _prepare(engine: Engine, config: FactoryConfig) -> None:
+    install_password(engine, config.password)
     apply_presets(engine, config)
     if config.ping_after is not None and dialects.needs_liveness_check(engine.url):
         install_liveness_policy(engine, config.ping_after)

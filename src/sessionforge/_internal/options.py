@@ -43,6 +43,7 @@ __all__ = [
     "declared_options",
     "finite_seconds",
     "mapping_option",
+    "may_hold_secret",
     "option",
     "safe_repr",
     "session_argument_names",
@@ -269,9 +270,13 @@ def shown_value(value: object) -> str:
     return "..."  # a list or an object: it may hold anything
 
 
+def may_hold_secret(name: str) -> bool:
+    """Whether option ``name``'s value may carry credentials: it is never echoed."""
+    return name in _MAY_HOLD_SECRETS or SECRET_KEY.search(name) is not None
+
+
 def _ill_typed(name: str, value: Any, expected: str) -> ConfigurationError:
-    # Connection arguments may carry credentials: never echo them.
-    shown = "..." if name in _MAY_HOLD_SECRETS or SECRET_KEY.search(name) else shown_value(value)
+    shown = "..." if may_hold_secret(name) else shown_value(value)
     return ConfigurationError(
         f"option {name}={shown} ({type(value).__name__}) is invalid: expected {expected}"
     )
