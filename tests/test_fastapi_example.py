@@ -22,7 +22,6 @@ from sessionforge import FactoryConfig
 
 from .conftest import (
     MARIADB_URL,
-    NOT_YET_ISOLATED,
     PG_URL,
     apply_backend_marks,
     require_mariadb,
@@ -165,7 +164,6 @@ async def test_example_under_uvicorn_with_concurrent_requests(
     engine.dispose()
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_example_in_process_under_isolation(
     example_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -85,12 +85,6 @@ def test_celery_style_worker_runs_one_loop_per_job(loop_url: str) -> None:
     assert out.strip().endswith("ok")
 
 
-@pytest.mark.xfail_backend(
-    "mysql",
-    reason="not yet supported on MariaDB (issue 14, dialect work): the engine of a loop "
-    "closed without shutdown_asyncgens is dropped, and aiomysql's Connection.__del__ then "
-    "closes its transport on the closed loop ('Event loop is closed' on stderr)",
-)
 def test_loop_closed_without_shutdown_is_dropped_quietly(loop_url: str) -> None:
     out = run_script(
         """

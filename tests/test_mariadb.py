@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -530,6 +531,88 @@ async def test_ping_of_a_killed_pooled_connection_fails_and_drops_it(
     async with db.begin() as session:
         assert await session.scalar(text("SELECT CONNECTION_ID()")) != killed
     assert db.status().checked_out == 0
+
+
+def kill(connection_id: object) -> None:
+    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
+    with killer.connect() as connection:
+        connection.exec_driver_sql(f"KILL {int(str(connection_id))}")
+    killer.dispose()
+
+
+CONNECTION_ID = text("SELECT CONNECTION_ID()")
+
+
+@pytest.mark.parametrize("twin", ["async", "sync"])
+async def test_a_connection_killed_mid_transaction_is_database_unavailable(
+    make: Callable[..., SessionFactory[Any]], models: Models, twin: str
+) -> None:
+    """The server drops the connection (2013 "Lost connection" or 2006 "gone away"):
+    DatabaseUnavailableError, nothing written, the pool hands out a fresh connection."""
+    db = make(pool_size=1, max_overflow=0)
+    bump = update(models.Counter).where(models.Counter.id == 1).values(value=7)
+
+    def sync_work() -> None:
+        with db.sync.begin() as session:
+            session.execute(bump)
+            kill(session.scalar(CONNECTION_ID))
+            session.execute(text("SELECT 1"))
+
+    with pytest.raises(DatabaseUnavailableError, match="lost the connection to the database"):
+        if twin == "sync":
+            await asyncio.to_thread(sync_work)
+        else:
+            async with db.begin() as session:
+                await session.execute(bump)
+                killed = await session.scalar(CONNECTION_ID)
+                await asyncio.to_thread(kill, killed)
+                await session.execute(text("SELECT 1"))
+    assert counter(models) == 0
+    pool = db.sync.engine.pool if twin == "sync" else db.engine.sync_engine.pool
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with db.begin() as session:
+        assert await session.scalar(text("SELECT 1")) == 1
+
+
+async def test_run_transaction_reruns_work_whose_connection_was_killed(
+    make: Callable[..., SessionFactory[Any]], models: Models
+) -> None:
+    db = make()
+    calls = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(
+            update(models.Counter)
+            .where(models.Counter.id == 1)
+            .values(value=models.Counter.value + 1)
+        )
+        if calls == 1:
+            await asyncio.to_thread(kill, await session.scalar(CONNECTION_ID))
+            await session.execute(text("SELECT 1"))
+
+    await db.run_transaction(work, retries=2)
+    assert (calls, counter(models)) == (2, 1)
+
+
+async def test_a_refused_connect_is_database_unavailable_and_hides_the_password() -> None:
+    require_mariadb()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db: SessionFactory[Any] = SessionFactory(f"mysql://root:s3cret-pw@127.0.0.1:{port}/test")
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="cannot reach the database") as first:
+            async with db.begin() as session:
+                await session.execute(text("SELECT 1"))
+        with pytest.raises(DatabaseUnavailableError, match="cannot reach the database") as second:
+            await asyncio.to_thread(db.sync.ping)
+    finally:
+        await db.dispose()
+    for raised in (first, second):
+        assert "s3cret-pw" not in str(raised.value)
+        assert "s3cret-pw" not in repr(raised.value)
 
 
 # --- the demo -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from sessionforge import ReadOnlySessionError, SessionFactory
 
-from .conftest import NOT_YET_ISOLATED, DbMaker, FactoryMaker, count_rows
+from .conftest import DbMaker, FactoryMaker, count_rows
 from .models import Models
 
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
@@ -171,7 +171,6 @@ async def test_factory_listeners_reach_readers_even_when_added_later(
     assert seen == ["orm execute"]
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_reader_under_test_isolation_reads_inside_it_and_leaves_it_whole(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.util import immutabledict
 
 from sessionforge import ConfigurationError, SessionFactory, SyncSessionFactory
 
-from .conftest import NOT_YET_ISOLATED, count_rows
+from .conftest import count_rows
 from .models import Models
 
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
@@ -450,7 +450,6 @@ def test_sync_session_class_is_the_factorys_own_subclass() -> None:
 # --- isolated() and binds ----------------------------------------------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_isolated_isolates_the_factories_in_binds(
     twin: str, db: SessionFactory[Any], other: SessionFactory[Any], models: Models

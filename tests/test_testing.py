@@ -22,7 +22,7 @@ import sessionforge
 from sessionforge import ConfigurationError, SessionFactory
 from sessionforge.testing import AsyncIsolation, SyncIsolation, isolated
 
-from .conftest import NOT_YET_ISOLATED, count_rows
+from .conftest import count_rows
 from .models import Models
 
 TWINS = [pytest.param("async", id="async"), pytest.param("sync", id="sync")]
@@ -50,7 +50,6 @@ def assert_clean(db: SessionFactory[Any], models: Models, outside: Engine) -> No
 # --- commits go to a savepoint, the end rolls everything back ------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_async_commits_are_seen_inside_and_rolled_back_at_exit(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -99,7 +98,6 @@ async def test_sync_twin_commits_are_seen_inside_and_rolled_back_at_exit(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_async_factory_isolated_from_sync_code(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -119,7 +117,6 @@ async def test_async_factory_isolated_from_sync_code(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_sessions_in_other_threads_and_loops_share_the_isolation(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -142,7 +139,6 @@ async def test_sessions_in_other_threads_and_loops_share_the_isolation(
 # --- savepoints and rollbacks inside app code ------------------------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_nested_atomic_and_rollback_behave_as_outside(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -197,7 +193,6 @@ async def test_nested_atomic_and_rollback_behave_as_outside(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_a_failed_statement_leaves_the_isolation_usable(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -205,7 +200,7 @@ async def test_a_failed_statement_leaves_the_isolation_usable(
     async with isolated(db):
         async with db.begin() as session:
             session.add(models.Item(name="dup"))
-        with pytest.raises(Exception, match=r"(?i)unique"):
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate entry"):
             async with db.begin() as session:
                 session.add(models.Item(name="dup"))
         async with db.begin() as session:
@@ -217,7 +212,6 @@ async def test_a_failed_statement_leaves_the_isolation_usable(
 # --- concurrent users are serialised ---------------------------------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_concurrent_tasks_are_serialised_not_failed(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -267,7 +261,6 @@ async def test_concurrent_threads_are_serialised_not_failed(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_a_session_opened_inside_another_by_the_same_task_nests(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -285,7 +278,6 @@ async def test_a_session_opened_inside_another_by_the_same_task_nests(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_a_session_left_open_makes_the_next_one_fail_clearly(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -308,7 +300,6 @@ async def test_a_session_left_open_makes_the_next_one_fail_clearly(
 # --- on-commit hooks ---------------------------------------------------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_async_hooks_are_captured_and_run_on_demand(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -356,7 +347,6 @@ async def test_sync_hooks_are_captured_and_run_on_demand(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_run_hooks_true_runs_them_at_commit(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -374,7 +364,6 @@ async def test_run_hooks_true_runs_them_at_commit(
 # --- per-transaction options, misuse ----------------------------------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_transaction_options_under_isolation(
     db: SessionFactory[Any], models: Models, backend: str, outside: Engine
 ) -> None:
@@ -413,7 +402,6 @@ async def test_the_other_twin_is_refused_while_one_is_isolated(
 # --- found in review: concurrency shapes that must wait, not fail -----------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_session_add_while_another_session_holds_the_connection_waits(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -440,7 +428,6 @@ async def test_session_add_while_another_session_holds_the_connection_waits(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_task_started_inside_a_transaction_may_outlive_its_commit(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -463,7 +450,6 @@ async def test_task_started_inside_a_transaction_may_outlive_its_commit(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_timeout_expiring_mid_statement_leaves_the_test_usable(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -494,7 +480,6 @@ ENDED = r"isolated\(\) block ended while this session was still open"
 WAITING = r"isolated\(\) block ended while this session was waiting for its turn"
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_session_left_open_at_exit_is_reported_and_refused_afterwards(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -535,7 +520,6 @@ async def test_a_session_left_open_at_exit_is_reported_and_refused_afterwards(
     assert db.status().sessions_open == 0
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_closed_session_used_after_the_block_is_refused(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -564,7 +548,6 @@ async def test_a_closed_session_used_after_the_block_is_refused(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 @pytest.mark.parametrize(
     "ending",
     [
@@ -642,7 +625,6 @@ async def test_a_thread_still_in_a_transaction_at_exit_fails_clearly_later(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_sessions_waiting_for_the_connection_at_exit_are_woken_at_once(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -711,7 +693,6 @@ async def test_sessions_waiting_for_the_connection_at_exit_are_woken_at_once(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED)
 async def test_no_leftover_warning_when_the_block_raises(
     db: SessionFactory[Any], models: Models, outside: Engine
 ) -> None:
@@ -729,7 +710,6 @@ async def test_no_leftover_warning_when_the_block_raises(
 # --- a holder that can never release ---------------------------------------------------
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_garbage_collected_holder_fails_the_next_session_at_once(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine
@@ -768,7 +748,6 @@ async def test_a_garbage_collected_holder_fails_the_next_session_at_once(
     assert_clean(db, models, outside)
 
 
-@pytest.mark.skip_backend("mysql", reason=NOT_YET_ISOLATED, only={"twin": "async"})
 @pytest.mark.parametrize("twin", TWINS)
 async def test_a_slow_holder_is_still_waited_for(
     twin: str, db: SessionFactory[Any], models: Models, outside: Engine

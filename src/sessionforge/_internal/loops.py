@@ -29,6 +29,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sessionforge import dialects
+
+from . import sqla
+
 __all__ = ["LoopEngines"]
 
 logger = logging.getLogger("sessionforge.engines")
@@ -132,6 +136,13 @@ def _discard_closer(closer: AsyncGenerator[None, None]) -> None:
     del closer
 
 
+def _let_go_of_idle(engine: AsyncEngine, pool: Any) -> None:
+    # (A function of its own: no reference to a driver connection outlives it, so the
+    # garbage collection in _abandon, under its warning filter, finds them all.)
+    for driver in sqla.idle_driver_connections(pool):
+        dialects.abandon_driver_connection(engine.url, driver)
+
+
 def _abandon(entry: _Entry) -> None:
     pool: Any = entry.engine.sync_engine.pool
     count = pool.checkedin() if callable(getattr(pool, "checkedin", None)) else 0
@@ -139,6 +150,7 @@ def _abandon(entry: _Entry) -> None:
         # The drivers' "unclosed connection/transport" warnings for connections of a
         # closed loop: nothing can close those connections any more.
         warnings.simplefilter("ignore", ResourceWarning)
+        _let_go_of_idle(entry.engine, pool)
         entry.engine.sync_engine.dispose(close=False)
         del pool
         entry.closer = entry.starter = None

@@ -112,6 +112,15 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     ``test_a_stopped_replica_is_skipped_and_used_again_once_back`` and
     ``test_with_every_replica_down_reads_go_to_the_primary`` (``tests/test_replicas.py``).
 
+16. The idle connections of a pool whose event loop was closed without shutting its
+    engine down (``_internal/loops.py``): ``QueuePool`` keeps them in ``_pool``, a
+    ``util.queue.Queue`` (its deque ``queue``) or, on an async engine, an
+    ``AsyncAdaptedQueue`` (an ``asyncio.Queue`` made on first use, memoized as
+    ``_queue``, its deque ``_queue``), of ``_ConnectionRecord``, with no public way to list them;
+    ``idle_driver_connections`` reads it, so that their driver connections can be let
+    go of without the dead loop (``dialects.abandon_driver_connection``). Tested by
+    ``test_loop_closed_without_shutdown_is_dropped_quietly`` (``tests/test_loops.py``).
+
 If a SQLAlchemy upgrade breaks any of these, the tests ``test_events_*``,
 ``test_missing_driver_*``, ``test_postgres_liveness_ping_*`` and ``test_deadline_*``
 fail first (``test_refused_connect_*`` for 14, ``tests/test_replicas.py`` for 15).
@@ -142,6 +151,7 @@ __all__ = [
     "close_instead_of_rollback",
     "close_within",
     "driver_of",
+    "idle_driver_connections",
     "in_greenlet",
     "load_dialect",
     "ping",
@@ -286,6 +296,16 @@ def async_proxy(session: Session) -> AsyncSession | None:
 def pool_max_overflow(pool: Any) -> int | None:
     """A ``QueuePool``'s overflow limit, ``None`` for other pools (see 10. above)."""
     return getattr(pool, "_max_overflow", None)
+
+
+def idle_driver_connections(pool: Any) -> list[Any]:
+    """The driver connections idle in ``pool`` (a ``QueuePool``; see 16. above)."""
+    holder = getattr(pool, "_pool", None)
+    queue = getattr(holder, "queue", None)
+    if queue is None:  # AsyncAdaptedQueue: read the memoized queue without making one
+        queue = getattr(vars(holder).get("_queue") if holder is not None else None, "_queue", ())
+    adapted = [getattr(record, "dbapi_connection", None) for record in list(queue)]
+    return [getattr(a, "_connection", a) for a in adapted if a is not None]
 
 
 def sqlite_pool_class(

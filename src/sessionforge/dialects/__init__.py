@@ -43,6 +43,7 @@ from .sqlite import normalise_memory_sqlite as normalise_memory_sqlite
 __all__ = [
     "MAX_SECONDS",
     "DriverInfo",
+    "abandon_driver_connection",
     "apply_settings",
     "async_driver_for",
     "begin_statements",
@@ -330,6 +331,13 @@ def apply_settings(connection: Connection, settings: tuple[tuple[str, str], ...]
         parameters[f"name_{index}"] = name
         parameters[f"value_{index}"] = value
     connection.execute(text(postgresql.settings_statement(len(settings))), parameters)
+
+
+def abandon_driver_connection(url: URL, driver: Any) -> None:
+    """Let go of ``driver`` (a connection of ``url``'s async driver) whose event loop is
+    closed: nothing may be sent, and its finalizer must not need the loop."""
+    if is_mysql(url):
+        mysql.abandon_driver_connection(driver)
 
 
 def reader_execution_options(url: URL) -> dict[str, Any]:

@@ -149,6 +149,11 @@ _LOST_CONNECTION: Final = re.compile(
 _LOST_CONNECTION_TYPES: Final = frozenset(
     {"TargetServerAttributeNotMatched", "ConnectionDoesNotExistError", "ConnectionFailureError"}
 )
+# MySQL client and server codes of a connection that failed or is gone: 2002/2003 can't
+# connect (socket, TCP), 2005 unknown host, 2006 server has gone away, 2013 lost
+# connection during query, 2055 lost connection at a stage, 1053 server shutdown in
+# progress, 1927 connection killed (MariaDB), 4031 disconnected for inactivity (MySQL 8).
+_MYSQL_CONNECTION_CODES: Final = frozenset({2002, 2003, 2005, 2006, 2013, 2055, 1053, 1927, 4031})
 _DRIVER_MODULES: Final = ("asyncpg", "psycopg", "psycopg2", "pg8000", "sqlalchemy")
 
 
@@ -187,6 +192,8 @@ def is_connection_error(
         if isinstance(error, OSError) and _is_socket_error(error, connecting=connecting):
             return True
         if type(error).__name__ in _LOST_CONNECTION_TYPES:
+            return True
+        if _mysql_code(error) in _MYSQL_CONNECTION_CODES:
             return True
         if (
             type(error).__module__.startswith(_DRIVER_MODULES)

@@ -231,6 +231,17 @@ def _in_transaction(dialect: Any, dbapi_connection: Any) -> bool:
     return bool(status & _SERVER_STATUS_IN_TRANS)
 
 
+def abandon_driver_connection(driver: Any) -> None:
+    """Let go of an aiomysql connection whose event loop is closed, without the loop.
+
+    aiomysql's ``Connection.__del__`` closes its transport through the loop, which
+    raises "Event loop is closed" (printed by the garbage collector). Without its
+    stream writer it does nothing, and the transport's own finalizer closes the socket.
+    """
+    if type(driver).__module__.startswith("aiomysql.") and getattr(driver, "_writer", None):
+        driver._writer = driver._reader = None
+
+
 def ping(connection: Connection) -> None:
     """One round trip on ``connection``: the driver's COM_PING, no statement at all.
 

@@ -13,7 +13,7 @@ import concurrent.futures
 import inspect
 import threading
 from collections.abc import Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sessionforge._internal import sqla
 
@@ -34,6 +34,9 @@ class HomeLoop:
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
+        #: Held by each bridged await of a driver that drops its connection when a call
+        #: is cancelled (``_FINISHES_CANCELLED``): the next call waits for it.
+        self.turn: asyncio.Lock | None = None
         self.thread_id: int | None = None
         self._thread = threading.Thread(
             target=self._serve, name="sessionforge-isolated", daemon=True
@@ -65,6 +68,7 @@ class HomeLoop:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        self.turn = asyncio.Lock()
         self.thread_id = threading.get_ident()
         self._ready.set()
         await self._done.wait()
@@ -132,26 +136,46 @@ class _Bridge:
         if threading.get_ident() == home.thread_id:
             return self._wrap(await awaitable)
 
-        async def in_home() -> Any:
-            return await awaitable
+        if self._package not in _FINISHES_CANCELLED:
 
-        return self._wrap(await asyncio.wrap_future(home.submit(in_home())))
+            async def in_home() -> Any:
+                return await awaitable
+
+            return self._wrap(await asyncio.wrap_future(home.submit(in_home())))
+
+        async def in_turn() -> Any:
+            assert home.turn is not None
+            async with home.turn:
+                return await awaitable
+
+        # Cancelled here (a timeout, a task cancelled), the call still finishes there.
+        return self._wrap(await asyncio.shield(asyncio.wrap_future(home.submit(in_turn()))))
 
     def _wrap(self, value: Any) -> Any:
-        kind = type(value)
-        if (kind.__module__ or "").partition(".")[0] == self._package and _is_stateful(kind):
+        if _bridgeable(type(value), self._package):
             return _Bridge(value, self._home, self._package)
         return value
 
 
-_STATEFUL: dict[type, bool] = {}
+#: Drivers that close their connection when a call is cancelled mid-statement (aiomysql:
+#: "Cancelled during execution"), which would end the isolated block's one connection.
+#: Their cancelled calls run on to the end in the home loop (the statement's own limit,
+#: such as ``begin(timeout=)``'s ``max_statement_time``, ends a long one), and each call
+#: waits for the one before. asyncpg, by contrast, cancels the statement on the server and
+#: keeps the connection.
+_FINISHES_CANCELLED: Final = frozenset({"aiomysql", "asyncmy"})
+
+_BRIDGEABLE: dict[tuple[type, str], bool] = {}
 
 
-def _is_stateful(kind: type) -> bool:
-    """Whether ``kind`` has coroutine methods: a connection-bound driver object."""
-    stateful = _STATEFUL.get(kind)
-    if stateful is None:
-        stateful = _STATEFUL[kind] = any(
-            inspect.iscoroutinefunction(getattr(kind, name, None)) for name in dir(kind)
-        )
-    return stateful
+def _bridgeable(kind: type, package: str) -> bool:
+    """Whether ``kind`` is a connection-bound object of the driver ``package``: defined
+    there (it or a base: SQLAlchemy 2.1's aiomysql dialect hands aiomysql a ``Cursor``
+    subclass of its own, from ``sqlalchemy.dialects``) and with coroutine methods."""
+    key = (kind, package)
+    found = _BRIDGEABLE.get(key)
+    if found is None:
+        found = _BRIDGEABLE[key] = any(
+            (base.__module__ or "").partition(".")[0] == package for base in kind.__mro__
+        ) and any(inspect.iscoroutinefunction(getattr(kind, name, None)) for name in dir(kind))
+    return found
