@@ -228,9 +228,14 @@ def test_a_callable_returning_an_awaitable_is_refused_by_the_sync_twin_at_connec
 async def test_a_callable_that_returns_no_string_is_an_error_naming_the_connection(
     role: Role,
 ) -> None:
-    async with SessionFactory(role.url(), password=lambda: b"bytes") as db:
-        with pytest.raises(ConfigurationError, match=r"returned bytes, not the password"):
+    wrong: Any = lambda: role.password.encode()  # noqa: E731 (typed Any: it is wrong)
+    async with SessionFactory(role.url(), password=wrong) as db:
+        with pytest.raises(
+            ConfigurationError, match=r"returned bytes, not the password"
+        ) as raised:
             await current_user(db)
+    assert str(role.server.port) in str(raised.value)
+    assert_hidden(role.password, str(raised.value))
 
 
 # --- refused at construction ------------------------------------------------------------

@@ -244,8 +244,8 @@ class FactoryConfig:
         a SQLite file ``sessionforge.db`` in the working directory) and the options in
         ``SESSIONFORGE_<OPTION>`` variables (``_internal/environment.py``), which keyword
         arguments override."""
-        found = environment.read_options(os.environ, _OPTIONS, cls, url_variable=var)
-        read = {name: value for name, value in found.items() if name not in options}
+        given = {*options, *(["class_"] if class_ is not None else [])}
+        read = environment.read_options(os.environ, _OPTIONS, cls, url_variable=var, given=given)
         read_class = read.pop("class_", AsyncSession)
         with environment.naming_variables(read):
             url = os.environ.get(var) or default

@@ -25,7 +25,7 @@ import importlib
 import json
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final, Literal
 
@@ -64,9 +64,11 @@ def read_options(
     config_class: type,
     *,
     url_variable: str,
+    given: Collection[str] = (),
 ) -> dict[str, Any]:
     """The options set in ``environ``, parsed by the types ``config_class`` declares and
-    checked; unknown variables refused."""
+    checked; unknown variables refused. Options in ``given`` (keyword arguments, which
+    win) are left unread: a variable they override is not parsed."""
     hints = _hints_of(config_class)
     by_variable = {variable_for(name): name for name in options}
     found: dict[str, Any] = {}
@@ -78,6 +80,8 @@ def read_options(
         name = by_variable.get(variable)
         if name is None:
             raise _unknown(variable, by_variable)
+        if name in given:
+            continue
         raw = environ[variable]
         value = _parse(variable, name, raw, hints[name])
         try:
@@ -111,8 +115,10 @@ def _unknown(variable: str, by_variable: Mapping[str, str]) -> ConfigurationErro
             f"environment variable {variable} is not read: the URL comes from DATABASE_URL, "
             "or the variable FactoryConfig.from_env(var=...) names; unset it"
         )
-    hint = difflib.get_close_matches(variable.upper(), sorted(by_variable), n=1)
-    did_you_mean = f"; did you mean {hint[0]}?" if hint else "."
+    # By the option part: the shared prefix would make every name look close.
+    suffixes = sorted(name[len(PREFIX) :] for name in by_variable)
+    hint = difflib.get_close_matches(variable[len(PREFIX) :].upper(), suffixes, n=1)
+    did_you_mean = f"; did you mean {PREFIX}{hint[0]}?" if hint else "."
     return ConfigurationError(
         f"unknown environment variable {variable}{did_you_mean} sessionforge reads "
         f"{PREFIX}<OPTION> for each option of FactoryOptions, in upper case "
@@ -209,11 +215,12 @@ def _number(kind: type[int] | type[float], raw: str) -> int | float:
         raise _NotThis from None
 
 
-def _choice(choices: tuple[Any, ...], raw: str) -> str:
-    # In any case: the option's check normalises it as it does a keyword argument's.
-    if raw.strip().lower() not in {str(choice).lower() for choice in choices}:
-        raise _NotThis
-    return raw.strip()
+def _choice(choices: tuple[Any, ...], raw: str) -> Any:
+    """The choice ``raw`` names, in any case, as the type spells it."""
+    for choice in choices:
+        if str(choice).lower() == raw.strip().lower():
+            return choice
+    raise _NotThis
 
 
 def _json(raw: str, kind: type[dict[Any, Any]] | type[list[Any]]) -> Any:
