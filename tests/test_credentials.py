@@ -27,6 +27,7 @@ from sessionforge.sync import SyncSessionFactory
 
 from .conftest import MARIADB_URL, require_mariadb
 from .pgcluster import POSTGRES_DRIVERS, PostgresServer, spellings
+from .test_readme import block_tested_by
 
 
 @dataclass
@@ -236,6 +237,19 @@ async def test_a_callable_that_returns_no_string_is_an_error_naming_the_connecti
             await current_user(db)
     assert str(role.server.port) in str(raised.value)
     assert_hidden(role.password, str(raised.value))
+
+
+@pytest.mark.postgres
+async def test_the_readme_rotating_block_runs(
+    role: Role, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", role.url().render_as_string())
+    monkeypatch.setenv("APP_DB_PASSWORD", role.password)
+    block = block_tested_by("tests/test_credentials.py::test_the_readme_rotating_block_runs")
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    await namespace["main"]()
+    assert capsys.readouterr().out == f"{role.name}\n"
 
 
 # --- refused at construction ------------------------------------------------------------

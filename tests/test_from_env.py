@@ -20,6 +20,8 @@ from sessionforge.cli import main
 from sessionforge.config import OPTIONS
 from sessionforge.errors import ConfigurationError
 
+from .test_readme import block_tested_by
+
 PG = "postgresql://app@db:5432/app"  # never connected
 MYSQL = "mysql://app@db:3306/app"
 SQLITE = "sqlite:///app.db"
@@ -374,3 +376,15 @@ def test_sessionforge_check_reads_the_option_variables(
     env.setenv("SESSIONFORGE_POOL_SIZ", "3")
     assert main(["check"]) == 2
     assert "unknown environment variable SESSIONFORGE_POOL_SIZ" in capsys.readouterr().err
+
+
+async def test_the_readme_environment_block_runs(env: pytest.MonkeyPatch) -> None:
+    env.setenv("DATABASE_URL", "postgresql://app@db/app")
+    env.setenv("SESSIONFORGE_POOL_SIZE", "10")
+    env.setenv("SESSIONFORGE_PGBOUNCER", "yes")
+    block = block_tested_by("tests/test_from_env.py::test_the_readme_environment_block_runs")
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    db = namespace["db"]
+    assert db.config.pgbouncer is True
+    await db.dispose()
