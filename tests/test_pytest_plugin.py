@@ -10,6 +10,7 @@ sees no rows and no engine of the factory has a connection checked out.
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -27,6 +28,7 @@ from sqlalchemy.pool import NullPool
 from sessionforge import FactoryConfig
 
 from .conftest import MARIADB_URL, NOT_YET_ISOLATED, require_mariadb, require_postgres
+from .databases import fresh_database
 
 pytest_plugins = ["pytester"]
 
@@ -308,3 +310,108 @@ def test_the_readme_fastapi_example_runs(
         "error",
     )
     result.assert_outcomes(passed=4)
+
+
+# --- the schema from Alembic's migrations (sessionforge_alembic_ini) -----------------------
+
+MIGRATED_ASYNC_TESTS = """
+from sqlalchemy import func, select, text
+
+from bookshop import Author, Book
+
+
+async def test_the_schema_is_at_head(sessionforge_db):
+    async with sessionforge_db.begin() as session:
+        session.add(Author(id=1, name="n" * 150))  # too long before the second revision
+        await session.flush()
+        session.add(Book(author_id=1, title="The Dispossessed"))
+    async with sessionforge_db() as session:
+        assert await session.scalar(text("SELECT version_num FROM alembic_version")) == "{head}"
+        assert await session.scalar(select(func.count()).select_from(Book)) == 1
+
+
+async def test_the_next_test_starts_empty(sessionforge_db):
+    async with sessionforge_db() as session:
+        assert await session.scalar(select(func.count()).select_from(Author)) == 0
+"""
+
+MIGRATED_SYNC_TESTS = """
+from sqlalchemy import func, select, text
+
+from bookshop import Author, Book
+
+
+def test_the_schema_is_at_head(sessionforge_db):
+    with sessionforge_db.begin() as session:
+        session.add(Author(id=1, name="n" * 150))  # too long before the second revision
+        session.flush()
+        session.add(Book(author_id=1, title="The Dispossessed"))
+    with sessionforge_db() as session:
+        assert session.scalar(text("SELECT version_num FROM alembic_version")) == "{head}"
+        assert session.scalar(select(func.count()).select_from(Book)) == 1
+
+
+def test_the_next_test_starts_empty(sessionforge_db):
+    with sessionforge_db() as session:
+        assert session.scalar(select(func.count()).select_from(Author)) == 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "twin"),
+    [
+        pytest.param("sqlite-file", "async", id="sqlite-file-async"),
+        pytest.param("sqlite-file", "sync", id="sqlite-file-sync"),
+        pytest.param("postgres", "async", id="postgres-async", marks=pytest.mark.postgres),
+        # The async factory is not isolated on aiomysql yet (NOT_YET_ISOLATED).
+        pytest.param("mysql", "sync", id="mysql-sync", marks=pytest.mark.mysql),
+    ],
+)
+def test_the_schema_from_alembic_migrations(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    backend: str,
+    twin: str,
+) -> None:
+    with fresh_database(backend, tmp_path) as url:
+        monkeypatch.setenv("DATABASE_URL", url)
+        shutil.copytree(
+            ROOT / "examples" / "alembic",
+            pytester.path / "migrations",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        pytester.makeini(
+            dedent(f"""
+            [pytest]
+            asyncio_mode = auto
+            asyncio_default_fixture_loop_scope = function
+            pythonpath = migrations
+            sessionforge_factory = {"bookshop:db" if twin == "async" else "bookshop:db.sync"}
+            sessionforge_alembic_ini = migrations/alembic.ini
+            filterwarnings = error
+            """)
+        )
+        tests = MIGRATED_ASYNC_TESTS if twin == "async" else MIGRATED_SYNC_TESTS
+        pytester.makepyfile(test_app=tests.replace("{head}", "b8e4d6c2a531"))
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        result.assert_outcomes(passed=2)
+        # Downgraded at the end of the session, and the version table dropped.
+        engine = create_engine(FactoryConfig.from_url(url).sync_url, poolclass=NullPool)
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+
+
+def test_an_alembic_ini_that_is_not_there_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+        "sessionforge_factory = myapp:db\nsessionforge_alembic_ini = nowhere/alembic.ini\n"
+    )
+    pytester.makepyfile(myapp="from sessionforge import SessionFactory\ndb = SessionFactory()\n")
+    pytester.makepyfile(test_x="def test_x(sessionforge_db):\n    pass\n")
+    pytester.syspathinsert()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*sessionforge_alembic_ini = 'nowhere/alembic.ini': no file at*"])
+    assert result.ret != 0

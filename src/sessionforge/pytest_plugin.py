@@ -7,9 +7,11 @@ the pytest configuration::
     [tool.pytest.ini_options]
     sessionforge_factory = "myapp.db:db"            # a SessionFactory or SyncSessionFactory
     sessionforge_metadata = "myapp.models:Base.metadata"   # optional: the schema
+    sessionforge_alembic_ini = "alembic.ini"        # or: the schema from your migrations
 
-(or ``--sessionforge-factory`` / ``--sessionforge-metadata`` on the command line, or
-override the ``sessionforge_factory`` / ``sessionforge_metadata`` fixtures). Fixtures:
+(or ``--sessionforge-factory`` / ``--sessionforge-metadata`` /
+``--sessionforge-alembic-ini`` on the command line, or override the
+``sessionforge_factory`` / ``sessionforge_metadata`` fixtures). Fixtures:
 
 - ``sessionforge_isolation``: the ``isolated()`` handle for the test (``.hooks``,
   ``.run_hooks()``); every session of the factory, wherever made, is rolled back at the
@@ -18,7 +20,13 @@ override the ``sessionforge_factory`` / ``sessionforge_metadata`` fixtures). Fix
 - ``sessionforge_session``: a session of it, closed after the test.
 - ``sessionforge_schema``: (session scope) the schema, created once before the first
   test that needs it — from a ``MetaData`` (dropped again at the end) or from a
-  callable given a sync ``Connection`` in a transaction.
+  callable given a sync ``Connection`` in a transaction; or, when
+  ``sessionforge_alembic_ini`` names an ``alembic.ini`` (relative to the pytest
+  configuration file), by ``alembic upgrade head``, instead of the metadata. Its
+  ``env.py`` is given the test factory (``sessionforge.alembic.FACTORY_ATTRIBUTE``), so
+  ``run_migrations`` builds the schema where the tests run. At the end ``alembic
+  downgrade base`` runs (the downgrades are tested too), and the tables the upgrade made
+  that are still there (the version table) are dropped.
 
 All fixtures are plain (sync) fixtures: they work with or without pytest-asyncio, in
 strict and auto mode, whatever the event loop scope of the test, and in sync tests
@@ -31,10 +39,11 @@ import asyncio
 import importlib
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import Connection, Engine
 
 from .factory import SessionFactory
@@ -70,8 +79,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="MODULE:NAME",
         help="the MetaData (or a callable taking a Connection) that creates the schema",
     )
+    group.addoption(
+        "--sessionforge-alembic-ini",
+        dest="sessionforge_alembic_ini",
+        default=None,
+        metavar="PATH",
+        help="an alembic.ini: the schema is made by alembic upgrade head instead",
+    )
     parser.addini("sessionforge_factory", "the app's session factory, as module:name")
     parser.addini("sessionforge_metadata", "the schema's MetaData (or a callable), as module:name")
+    parser.addini(
+        "sessionforge_alembic_ini",
+        "an alembic.ini whose migrations make the schema (alembic upgrade head), instead of "
+        "sessionforge_metadata; relative to this file",
+    )
     parser.addini(
         "sessionforge_run_hooks",
         "run on-commit hooks at commit in isolated tests instead of capturing them",
@@ -133,29 +154,81 @@ def sessionforge_metadata(pytestconfig: pytest.Config) -> Schema:
     return schema  # type: ignore[no-any-return]
 
 
+def _alembic_ini(config: pytest.Config) -> Path | None:
+    """``sessionforge_alembic_ini``: from the command line (relative to the directory
+    pytest was started in) or the configuration file (relative to that file)."""
+    given = config.getoption("sessionforge_alembic_ini")
+    base = config.invocation_params.dir
+    if not given:
+        given = config.getini("sessionforge_alembic_ini")
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+    if not given:
+        return None
+    path = base / str(given)
+    if not path.is_file():
+        raise pytest.UsageError(f"sessionforge_alembic_ini = {given!r}: no file at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def sessionforge_schema(
-    sessionforge_factory: Factory, sessionforge_metadata: Schema
+    sessionforge_factory: Factory, sessionforge_metadata: Schema, pytestconfig: pytest.Config
 ) -> Iterator[None]:
     """Create the schema once, through the factory's sync twin (no event loop needed)."""
-    if sessionforge_metadata is None:
+    ini = _alembic_ini(pytestconfig)
+    if ini is not None:
+        yield from _migrated_schema(sessionforge_factory, ini)
+    elif sessionforge_metadata is not None:
+        yield from _created_schema(sessionforge_factory, sessionforge_metadata)
+    else:
         yield
-        return
-    sync = (
-        sessionforge_factory.sync
-        if isinstance(sessionforge_factory, SessionFactory)
-        else sessionforge_factory
-    )
+
+
+def _sync_twin(factory: Factory) -> SyncSessionFactory[Any]:
+    return factory.sync if isinstance(factory, SessionFactory) else factory
+
+
+def _created_schema(
+    factory: Factory, schema: MetaData | Callable[[Connection], object]
+) -> Iterator[None]:
+    """``create_all`` (or the callable) before, ``drop_all`` (for a ``MetaData``) after."""
+    sync = _sync_twin(factory)
     engine: Engine = sync.engine
     with engine.begin() as connection:
-        if isinstance(sessionforge_metadata, MetaData):
-            sessionforge_metadata.create_all(connection)
+        if isinstance(schema, MetaData):
+            schema.create_all(connection)
         else:
-            sessionforge_metadata(connection)
+            schema(connection)
     yield
-    if isinstance(sessionforge_metadata, MetaData):
+    if isinstance(schema, MetaData):
         with engine.begin() as connection:
-            sessionforge_metadata.drop_all(connection)
+            schema.drop_all(connection)
+    sync.dispose()
+
+
+def _migrated_schema(factory: Factory, ini: Path) -> Iterator[None]:
+    """``alembic upgrade head`` on ``factory``; ``downgrade base`` and leftovers dropped after."""
+    try:
+        from alembic import command
+        from alembic.config import Config
+
+        from .alembic import FACTORY_ATTRIBUTE
+    except ImportError as error:
+        raise pytest.UsageError(f"sessionforge_alembic_ini is set, but {error}") from None
+    config = Config(str(ini))
+    config.attributes[FACTORY_ATTRIBUTE] = factory
+    sync = _sync_twin(factory)
+    engine: Engine = sync.engine
+    existing = set(inspect(engine).get_table_names())
+    command.upgrade(config, "head")
+    yield
+    command.downgrade(config, "base")
+    with engine.begin() as connection:
+        left = set(inspect(connection).get_table_names()) - existing
+        if left:
+            made = MetaData()
+            made.reflect(connection, only=sorted(left))
+            made.drop_all(connection)
     sync.dispose()
 
 
