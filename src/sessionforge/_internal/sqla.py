@@ -301,7 +301,7 @@ def pool_max_overflow(pool: Any) -> int | None:
 def idle_driver_connections(pool: Any) -> list[Any]:
     """The driver connections idle in ``pool`` (a ``QueuePool``; see 16. above)."""
     holder = getattr(pool, "_pool", None)
-    queue = getattr(holder, "queue", None)
+    queue: Any = getattr(holder, "queue", None)
     if queue is None:  # AsyncAdaptedQueue: read the memoized queue without making one
         queue = getattr(vars(holder).get("_queue") if holder is not None else None, "_queue", ())
     adapted = [getattr(record, "dbapi_connection", None) for record in list(queue)]
