@@ -141,8 +141,9 @@ class SessionFactory(TwinBase, Generic[_AS]):
         PostgreSQL settings (``set_config(name, value, true)``, values bound).
         """
         options = self._begin_options(isolation_level, readonly, timeout, settings, overrides)
-        make, replicas = functools.partial(self._session, options, overrides), self._core.replicas
-        return AsyncBeginContext(make, options, replicas)
+        make, core = functools.partial(self._session, options, overrides), self._core
+        # A traced context once sessionforge.telemetry.instrument(db) ran; one check if not.
+        return (core.stats.async_context or AsyncBeginContext)(make, options, core.replicas)
 
     def reader(self, **overrides: Any) -> _AS:
         """A session for reads only, on an AUTOCOMMIT connection from the same pool.
@@ -160,8 +161,7 @@ class SessionFactory(TwinBase, Generic[_AS]):
         return core.new_async_session(reader_class, options, overrides, reader=True)
 
     def _session(self, options: TransactionOptions | None, overrides: Mapping[str, Any]) -> _AS:
-        core = self._core
-        return core.new_async_session(core.async_class, options, overrides)
+        return self._core.new_async_session(self._core.async_class, options, overrides)
 
     async def run_transaction(
         self,
@@ -208,8 +208,8 @@ class SessionFactory(TwinBase, Generic[_AS]):
             attempt += 1
             try:
                 make = functools.partial(self._session, options, {})
-                context = AsyncBeginContext(make, options, self._core.replicas)
-                async with context as session:
+                begin = self._core.stats.async_context or AsyncBeginContext  # as in begin()
+                async with begin(make, options, self._core.replicas, attempt) as session:
                     result = await fn(session, *args)
             except Exception as exc:
                 if not policy.should_retry(exc, attempt):

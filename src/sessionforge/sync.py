@@ -134,7 +134,9 @@ class SyncSessionFactory(TwinBase, Generic[_S]):
         statement by PostgreSQL's ``statement_timeout``).
         """
         options = self._begin_options(isolation_level, readonly, timeout, settings, overrides)
-        return SyncBeginContext(functools.partial(self._session, options, overrides), options)
+        # A traced context once sessionforge.telemetry.instrument(db) ran; one check if not.
+        begin = self._core.stats.sync_context or SyncBeginContext
+        return begin(functools.partial(self._session, options, overrides), options)
 
     def reader(self, **overrides: Any) -> _S:
         """A session for reads only, on an AUTOCOMMIT connection (see ``SessionFactory``)."""
@@ -179,8 +181,9 @@ class SyncSessionFactory(TwinBase, Generic[_S]):
         while True:
             attempt += 1
             try:
-                context = SyncBeginContext(functools.partial(self._session, options, {}), options)
-                with context as session:
+                make = functools.partial(self._session, options, {})
+                begin = self._core.stats.sync_context or SyncBeginContext  # as in begin()
+                with begin(make, options, attempt) as session:
                     result = fn(session, *args)
             except Exception as exc:
                 if not policy.should_retry(exc, attempt):

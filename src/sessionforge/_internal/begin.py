@@ -43,6 +43,7 @@ class AsyncBeginContext(Generic[_AS]):
     """
 
     __slots__ = (
+        "_attempt",
         "_deadline",
         "_make_session",
         "_options",
@@ -56,12 +57,15 @@ class AsyncBeginContext(Generic[_AS]):
         make_session: Callable[[], _AS],
         options: TransactionOptions | None = None,
         replicas: Replicas | None = None,
+        attempt: int = 1,
     ) -> None:
         self._make_session = make_session
         self._options = options
         self._replicas = replicas
         self._transaction: AsyncSessionTransaction | None = None
         self._deadline: asyncio.Timeout | None = None
+        #: Which ``run_transaction`` attempt this is (1 for ``begin()``), for telemetry.
+        self._attempt = attempt
 
     async def __aenter__(self) -> _AS:
         self._session = self._make_session()
@@ -128,15 +132,19 @@ class SyncBeginContext(Generic[_S]):
     The session is made when the block is entered (see ``AsyncBeginContext``).
     """
 
-    __slots__ = ("_make_session", "_options", "_session", "_started", "_transaction")
+    __slots__ = ("_attempt", "_make_session", "_options", "_session", "_started", "_transaction")
 
     def __init__(
-        self, make_session: Callable[[], _S], options: TransactionOptions | None = None
+        self,
+        make_session: Callable[[], _S],
+        options: TransactionOptions | None = None,
+        attempt: int = 1,
     ) -> None:
         self._make_session = make_session
         self._options = options
         self._transaction: SessionTransaction | None = None
         self._started = 0.0
+        self._attempt = attempt
 
     def __enter__(self) -> _S:
         self._session = self._make_session()

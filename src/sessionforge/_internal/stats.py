@@ -14,7 +14,7 @@ import logging
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -23,9 +23,11 @@ from sqlalchemy.orm import Session, SessionTransaction
 from . import sqla as _sqla
 
 if TYPE_CHECKING:
+    from .begin import AsyncBeginContext, SyncBeginContext
     from .engines import EngineStatus
     from .replicas import ReplicaStatus
     from .state import SessionState
+    from .telemetry import Telemetry
 
 __all__ = [
     "Counters",
@@ -85,7 +87,9 @@ class FactoryStats:
     """Counters shared by a factory and its twin, safe across threads without a lock.
 
     Each is an ``itertools.count`` advanced with ``next()``, which is atomic in CPython;
-    "open" is made minus closed.
+    "open" is made minus closed. The pair's telemetry hangs here too, shared like the
+    counters it reports: ``sessionforge.telemetry.instrument`` sets the traced
+    ``begin()`` contexts, which the twins use instead of the plain ones.
     """
 
     def __init__(self) -> None:
@@ -94,6 +98,9 @@ class FactoryStats:
         self._committed = itertools.count()
         self._rolled_back = itertools.count()
         self._retried = itertools.count()
+        self.telemetry: Telemetry | None = None
+        self.async_context: type[AsyncBeginContext[Any]] | None = None
+        self.sync_context: type[SyncBeginContext[Any]] | None = None
 
     def opened(self, state: SessionState) -> None:
         if not state.counted_open:
