@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from sqlalchemy.exc import MissingGreenlet
+
 import sessionforge
 from sessionforge import errors
 
@@ -58,6 +60,7 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
         errors.ReadOnlySessionError: RuntimeError,
         errors.IsolationLockTimeoutError: TimeoutError,
         errors.IsolationNotEnteredError: RuntimeError,
+        errors.LazyLoadError: MissingGreenlet,
     }
     assert sorted(errors.__all__) == sorted([*(c.__name__ for c in kin), "SessionForgeError"])
     for error, base in kin.items():

@@ -1,7 +1,8 @@
 """Every exception sessionforge raises on its own account.
 
-Each class subclasses the standard exception whose meaning it shares, so code that
-already catches ``ValueError`` or ``TimeoutError`` keeps working::
+Each class subclasses the standard exception whose meaning it shares (or SQLAlchemy's,
+for ``LazyLoadError``), so code that already catches ``ValueError``, ``TimeoutError`` or
+``MissingGreenlet`` keeps working::
 
     SessionForgeError
     ├── ConfigurationError          (ValueError)
@@ -10,6 +11,7 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── ConcurrentSessionUseError   (RuntimeError)
     ├── IsolationLockTimeoutError   (TimeoutError)   sessionforge.testing only
     ├── IsolationNotEnteredError    (RuntimeError)   sessionforge.testing only
+    ├── LazyLoadError               (sqlalchemy.exc.MissingGreenlet)
     ├── NoCurrentSessionError       (LookupError)
     ├── NestedTransactionError      (RuntimeError)
     ├── ReadOnlySessionError        (RuntimeError)
@@ -27,6 +29,8 @@ of a hook that raised (``hook_errors(session)``), and lives with the hooks.
 
 from __future__ import annotations
 
+from sqlalchemy.exc import MissingGreenlet
+
 __all__ = [
     "AmbiguousCommitError",
     "ConcurrentSessionUseError",
@@ -34,6 +38,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "IsolationLockTimeoutError",
     "IsolationNotEnteredError",
+    "LazyLoadError",
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",
@@ -73,6 +78,18 @@ class AmbiguousCommitError(DatabaseUnavailableError):
 
 class ConcurrentSessionUseError(SessionForgeError, RuntimeError):
     """Raised when a second task uses a session while another task is using it."""
+
+
+class LazyLoadError(SessionForgeError, MissingGreenlet):
+    """Raised when an async session's object would load an attribute on the event loop.
+
+    A lazy relationship, or an expired or deferred column, touched outside SQLAlchemy's
+    greenlet (plain ``async`` code) would need IO that asyncio cannot run implicitly;
+    SQLAlchemy would fail with ``MissingGreenlet`` halfway into the statement. This is
+    raised instead, before any IO, naming the attribute and the ways to load it
+    (``selectinload``, ``awaitable_attrs``, ``session.refresh``). Nothing was sent and
+    the session is as it was: the next awaited call works.
+    """
 
 
 class NoCurrentSessionError(SessionForgeError, LookupError):

@@ -23,6 +23,7 @@ from sessionforge.errors import ConcurrentSessionUseError, ConfigurationError, S
 
 from . import routing, stats, transactions
 from .cancellation import end_and_close
+from .lazyload import ImplicitIOCheck
 from .replicas import Replicas
 from .state import SessionState
 
@@ -413,8 +414,8 @@ def make_session_classes(
     counters: stats.FactoryStats,
     replicas: Replicas | None = None,
 ) -> tuple[type[_AS], type[Session]]:
-    """Return fresh (async, sync) subclasses for one factory's sessions (with
-    ``replicas``, the sync class also routes: ``routing.py``)."""
+    """Fresh (async, sync) subclasses for one factory's sessions: the sync class refuses
+    lazy loads on the event loop (``lazyload.py``), and routes with ``replicas``."""
     sync_base: type[Session] = sync_class_ or class_.sync_session_class
     for given, mixin in ((class_, AsyncHookMethods), (sync_base, SyncHookMethods)):
         if issubclass(given, mixin):
@@ -424,7 +425,7 @@ def make_session_classes(
                 "db.config.sync_class_), or a subclass of it"
             )
     routed = () if replicas is None else (routing.RoutedMethods,)
-    bases = (*routed, SyncHookMethods, sync_base)
+    bases = (*routed, ImplicitIOCheck, SyncHookMethods, sync_base)
     sync_class = type(sync_base.__name__, bases, {"__module__": sync_base.__module__})
     # SyncHookMethods.__init__ takes (*args, **kwargs): show the given class's signature.
     sync_class.__signature__ = inspect.signature(sync_base)  # type: ignore[attr-defined]

@@ -121,22 +121,40 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     go of without the dead loop (``dialects.abandon_driver_connection``). Tested by
     ``test_loop_closed_without_shutdown_is_dropped_quietly`` (``tests/test_loops.py``).
 
+17. Which attribute an implicit load is for (``_internal/lazyload.py``). Every lazy
+    relationship load and every expired or deferred column load reaches the public
+    ``Session.execute`` (``LazyLoader._emit_lazyload``, ``loading._load_on_pk_identity``),
+    which the factory's sync class overrides; nothing public says there what the
+    statement loads. ``implicit_load`` reads the ORM's load options from the execution
+    options (``_sa_orm_load_options``): ``_lazy_loaded_from`` (the parent's state) with
+    the statement's ``_compile_options._current_path`` (its last element, a
+    ``_PropRegistry``, is the relationship) for a relationship; ``_refresh_state``
+    without ``_is_user_refresh`` (which ``session.refresh`` sets) for a column load.
+    A column load loads every expired attribute at once, so the one the user touched is
+    read, on this error path only, from the frame of
+    ``_AttributeImpl._fire_loader_callables(state, key, passive)``, where every
+    attribute access that loads passes; without that frame, the first attribute of the
+    load is named. Tested by ``tests/test_lazyload.py``.
+
 If a SQLAlchemy upgrade breaks any of these, the tests ``test_events_*``,
 ``test_missing_driver_*``, ``test_postgres_liveness_ping_*`` and ``test_deadline_*``
-fail first (``test_refused_connect_*`` for 14, ``tests/test_replicas.py`` for 15).
+fail first (``test_refused_connect_*`` for 14, ``tests/test_replicas.py`` for 15,
+``tests/test_lazyload.py`` for 17).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.event import base as event_base
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
-from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.orm import InstanceState, Session, scoped_session
+from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm import session as orm_session
 from sqlalchemy.orm.events import SessionEvents
 from sqlalchemy.pool import Pool
@@ -347,3 +365,45 @@ class RerouteOnConnect:
                 )
             except Exception as exc:
                 engine = self._sessionforge_reroute(engine, exc)
+
+
+_FIRE_LOADERS = orm_attributes._AttributeImpl._fire_loader_callables.__code__
+
+
+def implicit_load(
+    statement: Any, execution_options: Mapping[str, Any]
+) -> tuple[InstanceState[Any], str] | None:
+    """The object and attribute key an implicit load is for (section 17).
+
+    ``None`` for any other statement, ``session.get()`` and ``session.refresh()``
+    included.
+    """
+    load_options = execution_options.get("_sa_orm_load_options")
+    if load_options is None:
+        return None
+    parent: InstanceState[Any] | None = load_options._lazy_loaded_from
+    if parent is not None:
+        path = getattr(statement._compile_options, "_current_path", None)
+        prop = getattr(path, "prop", None)
+        return (parent, prop.key) if prop is not None else None
+    state: InstanceState[Any] | None = load_options._refresh_state
+    if state is None or load_options._is_user_refresh:
+        return None
+    touched = _touched_key(state)
+    if touched is not None:
+        return state, touched
+    keys = sorted(getattr(statement._compile_options, "_only_load_props", None) or ())
+    return (state, keys[0]) if keys else None
+
+
+def _touched_key(state: InstanceState[Any]) -> str | None:
+    """The key of ``state`` whose access is loading, from the caller's frames (17.)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is _FIRE_LOADERS and frame.f_locals.get("state") is state:
+                return str(frame.f_locals["key"])
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # no reference cycle through this frame's locals
