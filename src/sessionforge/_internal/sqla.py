@@ -170,6 +170,7 @@ __all__ = [
     "close_within",
     "driver_of",
     "idle_driver_connections",
+    "implicit_load",
     "in_greenlet",
     "load_dialect",
     "ping",
