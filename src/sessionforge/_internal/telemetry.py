@@ -397,9 +397,11 @@ def _figure(pool: Pool, name: str) -> int | None:
 
 
 def _built_engines(core: FactoryCore[Any]) -> list[Engine]:
-    """The running loop's engine and the sync twin's, if built: the others are watched
-    from their next transaction."""
+    """The running loop's engines (the primary's, the replicas') and the sync twin's, if
+    built; the others are watched from their next transaction."""
     found = [] if core.async_engine_if_built is None else [core.async_engine_if_built.sync_engine]
     if core.sync_engine_if_built is not None:
         found.append(core.sync_engine_if_built)
+    if core.replicas is not None:
+        found += core.replicas.loop_engines()
     return found
