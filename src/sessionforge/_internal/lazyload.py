@@ -59,10 +59,11 @@ class ImplicitIOCheck:
 
 def _refuse_on_the_event_loop(session: Any, statement: Any, options: Mapping[str, Any]) -> None:
     """Raise ``LazyLoadError`` if ``statement`` is an async session's implicit load."""
+    if async_session(session) is None:
+        return  # the sync twin's session: its loads work anywhere
     load = implicit_load(statement, options)
-    if load is not None and async_session(session) is not None:
-        state, key = load
-        raise LazyLoadError(lazy_load_message(state, key))
+    if load is not None:
+        raise LazyLoadError(lazy_load_message(*load))
 
 
 def lazy_load_message(state: InstanceState[Any], key: str) -> str:
