@@ -54,16 +54,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-#: The reason for ``skip_backend("mysql", reason=NOT_YET_ISOLATED)``. Skipped, not a strict
-#: xfail: a test whose statements happen to complete before aiomysql waits for the server
-#: passes, so the outcome depends on timing (seen passing now and then).
-NOT_YET_ISOLATED = (
-    "not yet supported on MariaDB (issue 14, dialect work): testing.isolated() on aiomysql "
-    "runs the driver's I/O in the caller's event loop instead of the isolated connection's "
-    "home loop (RuntimeError: ... attached to a different loop), so these tests fail or pass "
-    "by timing"
-)
-
 #: The reason for ``skip_backend("mysql", reason=NO_FAILING_COMMIT)``.
 NO_FAILING_COMMIT = (
     "InnoDB has no deferred constraints (it checks a foreign key at each statement): "

@@ -134,6 +134,8 @@ def test_private_modules_are_visibly_private() -> None:
     public = {
         "sessionforge",
         "sessionforge.__main__",
+        "sessionforge.alembic",
+        "sessionforge.telemetry",
         "sessionforge.asgi",
         "sessionforge.cli",
         "sessionforge.config",

@@ -27,7 +27,7 @@ from sqlalchemy.pool import NullPool
 
 from sessionforge import FactoryConfig
 
-from .conftest import MARIADB_URL, NOT_YET_ISOLATED, require_mariadb, require_postgres
+from .conftest import MARIADB_URL, require_mariadb, require_postgres
 from .databases import fresh_database
 
 pytest_plugins = ["pytester"]
@@ -197,8 +197,6 @@ def test_generated_project_is_isolated_per_test(
     elif backend == "mysql":
         require_mariadb()
         url = MARIADB_URL
-        if twin == "async":
-            pytest.skip(f"not on mysql: {NOT_YET_ISOLATED}")
     prefix = f"sf_plugin_{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MYAPP_DATABASE_URL", url)
     monkeypatch.setenv("MYAPP_PREFIX", prefix)
@@ -292,7 +290,6 @@ def test_the_readme_fastapi_example_runs(
         else:
             require_mariadb()
             url = MARIADB_URL
-            pytest.skip(f"not on mysql: {NOT_YET_ISOLATED}")
         # The example's table is called "users": keep other runs' out of the way.
         engine = create_engine(FactoryConfig.from_url(url).sync_url, poolclass=NullPool)
         try:
@@ -363,7 +360,7 @@ def test_the_next_test_starts_empty(sessionforge_db):
         pytest.param("sqlite-file", "async", id="sqlite-file-async"),
         pytest.param("sqlite-file", "sync", id="sqlite-file-sync"),
         pytest.param("postgres", "async", id="postgres-async", marks=pytest.mark.postgres),
-        # The async factory is not isolated on aiomysql yet (NOT_YET_ISOLATED).
+        pytest.param("mysql", "async", id="mysql-async", marks=pytest.mark.mysql),
         pytest.param("mysql", "sync", id="mysql-sync", marks=pytest.mark.mysql),
     ],
 )
