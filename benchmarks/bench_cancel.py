@@ -179,7 +179,9 @@ async def contenders(params: Params) -> AsyncIterator[Sequence[Contender]]:
         stack.push_async_callback(drop_table, setup)
         bare = create_async_engine(url, pool_size=size, max_overflow=0, pool_timeout=POOL_TIMEOUT)
         stack.push_async_callback(bare.dispose)
-        db = SessionFactory(url, pool_size=size, max_overflow=0, pool_timeout=POOL_TIMEOUT)
+        db = SessionFactory(
+            params.sessionforge_url(), pool_size=size, max_overflow=0, pool_timeout=POOL_TIMEOUT
+        )
         stack.push_async_callback(db.dispose)
         stray = Stray()
         stack.enter_context(stray.installed())

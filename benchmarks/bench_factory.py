@@ -152,7 +152,9 @@ def pooled_factory(
     params: Params, stack: AsyncExitStack, **options: Any
 ) -> SessionFactory[AsyncSession]:
     """``SessionFactory`` with the scenario's pool, disposed when ``stack`` unwinds."""
-    db = SessionFactory(params.url, pool_size=params.pool_size, max_overflow=0, **options)
+    db = SessionFactory(
+        params.sessionforge_url(), pool_size=params.pool_size, max_overflow=0, **options
+    )
     stack.push_async_callback(db.dispose)
     return db
 

@@ -20,6 +20,8 @@ pool of ``--pool-size`` connections, no overflow. The contenders:
 * ``sessionforge + aiosqlite`` / ``sessionforge + sessionforge driver``:
   ``SessionFactory(url).begin()``, whose SQLite preset does the same (``sqlite_begin=
   "deferred"`` for the read workload);
+* ``sessionforge, sqlite:/// (its default driver)``: the same on the URL as a user
+  writes it, ``sqlite:///…``, whatever driver sessionforge picks for it;
 * ``sync SQLAlchemy (pysqlite)``, for reference: ``sessionmaker.begin()`` on
   ``create_engine("sqlite+pysqlite:///…")`` with the same listeners, called directly in
   the event loop, so its tasks take turns (it blocks the loop: not a way to serve).
@@ -52,6 +54,7 @@ from .harness import Contender, Params
 
 SCENARIO = "sqlite"
 BASELINE = "SQLAlchemy + aiosqlite"
+DEFAULT_URL_CONTENDER = "sessionforge, sqlite:/// (its default driver)"
 WORKLOADS = ("write", "read")
 PRAGMAS = (
     "PRAGMA busy_timeout = 5000",
@@ -162,6 +165,12 @@ def source(path: Path, workload: str) -> harness.ContenderSource:
                 )
                 stack.push_async_callback(db.dispose)
                 chosen.append(async_contender(f"sessionforge + {label}", db, workload))
+            # The URL as a user writes it: sessionforge chooses the driver.
+            db = SessionFactory(
+                f"sqlite:///{path}", sqlite_begin=sqlite_begin, pool_size=size, max_overflow=0
+            )
+            stack.push_async_callback(db.dispose)
+            chosen.append(async_contender(DEFAULT_URL_CONTENDER, db, workload))
             sync_engine = create_engine(
                 f"sqlite+pysqlite:///{path}", pool_size=size, max_overflow=0
             )

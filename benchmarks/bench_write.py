@@ -145,7 +145,7 @@ async def contenders(params: Params) -> AsyncIterator[Sequence[Contender]]:
         stack.push_async_callback(bare.dispose)
         await recreate(bare)
         stack.push_async_callback(drop, bare)
-        db = SessionFactory(url, pool_size=size, max_overflow=0)
+        db = SessionFactory(params.sessionforge_url(), pool_size=size, max_overflow=0)
         stack.push_async_callback(db.dispose)
         chosen = [
             sessionforge_contender(db),

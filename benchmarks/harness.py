@@ -73,7 +73,13 @@ class Contender:
 
 @dataclass(frozen=True)
 class Params:
-    """What the command line chose; scenarios read ``url`` and ``pool_size``."""
+    """What the command line chose; scenarios read ``url`` and ``pool_size``.
+
+    ``url`` names the driver (what the plain-SQLAlchemy contenders get); ``factory_url``
+    is the same database as a user writes it for ``SessionFactory`` (``sqlite:///x.db``,
+    so sessionforge picks its default driver); ``None`` means ``url``. Scenarios read it
+    through ``sessionforge_url()``.
+    """
 
     url: str
     rounds: int = 7
@@ -82,6 +88,11 @@ class Params:
     warmup: float = 0.5
     tasks: int = 10
     pool_size: int = 10
+    factory_url: str | None = None
+
+    def sessionforge_url(self) -> str:
+        """The URL the sessionforge contenders are given."""
+        return self.factory_url or self.url
 
 
 @dataclass
@@ -281,7 +292,9 @@ def format_table(report: Report) -> str:
     amount = f"{p.ops} ops" if p.ops is not None else f"{p.seconds:g}s"
     lines.append(
         f"\n{report.scenario}: {p.rounds} rounds x {amount} per contender, {p.tasks} tasks, "
-        f"pool {p.pool_size}, {masked(p.url)}\n"
+        f"pool {p.pool_size}, {masked(p.url)}"
+        + (f" (sessionforge: {masked(p.sessionforge_url())})" if p.factory_url else "")
+        + "\n"
         f"ratio = median over rounds of (contender / {report.baseline}) in the same round; "
         "* = baseline\n"
         "CPU µs/op = this process's CPU time per op (client side only), median over rounds"
@@ -333,7 +346,10 @@ def masked(url: str) -> str:
 def document(report: Report, now: datetime | None = None) -> dict[str, Any]:
     """The raw numbers, summaries and machine info of ``report``, as JSON-ready data."""
     now = now or datetime.now(UTC)
-    params = asdict(report.params) | {"url": masked(report.params.url)}
+    params = asdict(report.params) | {
+        "url": masked(report.params.url),
+        "factory_url": masked(report.params.sessionforge_url()),
+    }
     return {
         "scenario": report.scenario,
         "created": now.isoformat(),

@@ -225,10 +225,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def resolve_url(url: str, stack: ExitStack) -> URL:
     """``sqlite`` -> a file in a temporary directory; default async drivers filled in."""
+    return resolve_urls(url, stack)[0]
+
+
+def resolve_urls(url: str, stack: ExitStack) -> tuple[URL, str]:
+    """The URL for plain SQLAlchemy (async driver named) and the one for sessionforge.
+
+    The second is the URL as a user writes it: without a driver when none was given
+    (``sqlite`` -> ``sqlite:///<temporary directory>/bench.db``), so sessionforge uses
+    its own default driver, as an application would.
+    """
     if url in {"sqlite", "sqlite://"}:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sf-bench-"))
         url = f"sqlite:///{directory}/bench.db"
     parsed = make_url(url)
+    written = parsed.render_as_string(hide_password=False)
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.get_driver_name() in {"pysqlite", ""}:
         parsed = parsed.set(drivername="sqlite+aiosqlite")
@@ -243,7 +254,7 @@ def resolve_url(url: str, stack: ExitStack) -> URL:
         )
     if backend == "sqlite" and parsed.database in {None, "", ":memory:"}:
         raise SystemExit("the suite needs a SQLite file, not an in-memory database")
-    return parsed
+    return parsed, written
 
 
 #: The file-name label of each backend (``suite-<label>.png``, ``latest-<label>.json``).
