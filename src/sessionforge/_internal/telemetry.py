@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import suppress
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from opentelemetry import context as otel_context
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from .transactions import TransactionOptions
 
 __all__ = ["Telemetry", "pool_name"]
+
+logger = logging.getLogger("sessionforge.telemetry")
 
 #: The semantic conventions the names follow (the database-client metrics of 1.26).
 SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.26.0"
@@ -268,7 +270,9 @@ class Telemetry:
 
     def pool_figures(self) -> Iterator[tuple[str, int, int, int | None]]:
         """(pool name, idle, used, most allowed or None) of each watched pool."""
-        for pool, attributes in list(self.pools.items()):
+        with self._lock:
+            watched = list(self.pools.items())
+        for pool, attributes in watched:
             used = _figure(pool, "checkedout")
             if used is None:
                 continue  # a pool without figures (NullPool, StaticPool)
@@ -303,7 +307,17 @@ class Telemetry:
         return span, otel_context.attach(trace.set_span_in_context(span))
 
     def describe(self, span: Span, session: Session, options: TransactionOptions | None) -> None:
-        """The route and isolation level of ``session``'s transaction, before it ends."""
+        """The route and isolation level of ``session``'s transaction, before it ends.
+
+        Telemetry must never stand between a block and its COMMIT: a failure here is
+        logged, and the transaction ends as it would have.
+        """
+        try:
+            self._describe(span, session, options)
+        except Exception:
+            logger.warning("could not describe a transaction's span", exc_info=True)
+
+    def _describe(self, span: Span, session: Session, options: TransactionOptions | None) -> None:
         state: SessionState = session._sessionforge_state  # type: ignore[attr-defined]
         route = state.route
         span.set_attribute(ROUTE, "replica" if route and route.replica else "primary")
@@ -333,10 +347,9 @@ def finish(span: Span, token: object, error: BaseException | None, committed: bo
             name = f"{kind.__module__}.{name}"
         span.set_attributes({OUTCOME: "error", ERROR_TYPE: name})
         span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {error}"[:200]))
+        span.set_status(Status(StatusCode.ERROR, kind.__name__))  # the message: the event
     span.end()
-    with suppress(Exception):  # a context the block left in another state: OpenTelemetry logs
-        otel_context.detach(token)  # type: ignore[arg-type]
+    otel_context.detach(token)  # type: ignore[arg-type]
 
 
 class _TracedAsync(AsyncBeginContext[Any]):
