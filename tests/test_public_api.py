@@ -22,6 +22,7 @@ EXPECTED = [
     "FactoryOptions",
     "FactoryStatus",
     "HookError",
+    "LazyLoadError",
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",
@@ -60,6 +61,7 @@ def test_every_error_is_a_sessionforge_error_and_its_stdlib_kin() -> None:
         errors.ReadOnlySessionError: RuntimeError,
         errors.IsolationLockTimeoutError: TimeoutError,
         errors.IsolationNotEnteredError: RuntimeError,
+        errors.MigrationError: RuntimeError,
         errors.LazyLoadError: MissingGreenlet,
     }
     assert sorted(errors.__all__) == sorted([*(c.__name__ for c in kin), "SessionForgeError"])

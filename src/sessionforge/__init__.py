@@ -17,6 +17,7 @@ from .errors import AmbiguousCommitError as AmbiguousCommitError
 from .errors import ConcurrentSessionUseError as ConcurrentSessionUseError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
+from .errors import LazyLoadError as LazyLoadError
 from .errors import NestedTransactionError as NestedTransactionError
 from .errors import NoCurrentSessionError as NoCurrentSessionError
 from .errors import ReadOnlySessionError as ReadOnlySessionError
@@ -47,6 +48,7 @@ __all__ = [
     "FactoryOptions",
     "FactoryStatus",
     "HookError",
+    "LazyLoadError",
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",

@@ -12,6 +12,7 @@ for ``LazyLoadError``), so code that already catches ``ValueError``, ``TimeoutEr
     ├── IsolationLockTimeoutError   (TimeoutError)   sessionforge.testing only
     ├── IsolationNotEnteredError    (RuntimeError)   sessionforge.testing only
     ├── LazyLoadError               (sqlalchemy.exc.MissingGreenlet)
+    ├── MigrationError              (RuntimeError)   sessionforge.alembic
     ├── NoCurrentSessionError       (LookupError)
     ├── NestedTransactionError      (RuntimeError)
     ├── ReadOnlySessionError        (RuntimeError)
@@ -29,6 +30,8 @@ of a hook that raised (``hook_errors(session)``), and lives with the hooks.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.exc import MissingGreenlet
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "IsolationLockTimeoutError",
     "IsolationNotEnteredError",
     "LazyLoadError",
+    "MigrationError",
     "NestedTransactionError",
     "NoCurrentSessionError",
     "ReadOnlySessionError",
@@ -135,3 +139,16 @@ class IsolationLockTimeoutError(SessionForgeError, TimeoutError):
 
 class IsolationNotEnteredError(SessionForgeError, RuntimeError):
     """Raised when an ``isolated()`` handle's ``connection`` is asked for outside its block."""
+
+
+class MigrationError(SessionForgeError, RuntimeError):
+    """Raised when a migration left rows whose foreign keys point to no row (SQLite).
+
+    ``violations`` holds ``PRAGMA foreign_key_check``'s rows: ``(table, rowid, parent,
+    foreign key index)``. Raised by ``sessionforge.alembic.run_migrations``, which rolls
+    the migration back.
+    """
+
+    def __init__(self, message: str, *, violations: list[tuple[Any, ...]]) -> None:
+        super().__init__(message)
+        self.violations = violations

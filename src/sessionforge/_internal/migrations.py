@@ -25,25 +25,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from sessionforge.errors import SessionForgeError
+from sessionforge.errors import MigrationError
 
 from .loops import running_loop
 
 __all__ = ["MigrationError", "check_foreign_keys", "foreign_keys_off", "run_on_own_loop"]
 
 _T = TypeVar("_T")
-
-
-class MigrationError(SessionForgeError, RuntimeError):
-    """Raised when a migration left rows whose foreign keys point to no row (SQLite).
-
-    ``violations`` holds ``PRAGMA foreign_key_check``'s rows: ``(table, rowid, parent,
-    foreign key index)``.
-    """
-
-    def __init__(self, message: str, *, violations: list[tuple[Any, ...]]) -> None:
-        super().__init__(message)
-        self.violations = violations
 
 
 def _pragma(connection: Connection, statement: str) -> list[tuple[Any, ...]]:
