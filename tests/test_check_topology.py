@@ -261,7 +261,10 @@ def test_no_password_reaches_the_terminal(login_cluster: Replicated, tmp_path: P
     assert done.stdout.count(f"replica:  {shown}") == 2
     assert "  role:     replica (in recovery)" in done.stdout
     refusal = f'the server at {shown} answered, but password authentication failed for user "app"'
-    assert f"  error:    {refusal}: check the password in the URL" in done.stdout
+    assert (
+        f"  error:    {refusal}: check the password (in the URL, or what password= returns)"
+        in done.stdout
+    )
     (line,) = done.stderr.splitlines()
     assert refusal in line
     assert "Traceback" not in done.stderr

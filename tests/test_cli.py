@@ -633,7 +633,7 @@ def test_check_names_a_wrong_password(
     assert line == (
         f"sessionforge check: the server at {driver}://app:***@127.0.0.1:"
         f"{password_server.port}/postgres answered, but password authentication failed "
-        'for user "app": check the password in the URL'
+        'for user "app": check the password (in the URL, or what password= returns)'
     )
     assert captured.out == ""
     for spelling in spellings(WRONG_PASSWORD) | {SECRET}:

@@ -166,7 +166,8 @@ async def test_ping_names_a_wrong_password(
     assert message.startswith("the server at postgresql+")  # the sync twin's: psycopg
     assert message.endswith(
         f"://app:***@127.0.0.1:{password_server.port}/postgres answered, but password "
-        'authentication failed for user "app": check the password in the URL'
+        'authentication failed for user "app": check the password (in the URL, or what '
+        "password= returns)"
     )
     # Nor in what a log would show: the traceback, the driver's error chained in it.
     shown = message + "".join(traceback.format_exception(error))

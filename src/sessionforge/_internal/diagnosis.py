@@ -80,7 +80,8 @@ _REFUSALS: Final = (
         "28P01",
         re.compile(r'password authentication failed for user "(?P<name>[^"]*)"'),
         "username",
-        'password authentication failed for user "{name}": check the password in the URL',
+        'password authentication failed for user "{name}": check the password (in the URL, '
+        "or what password= returns)",
     ),
     # MySQL/MariaDB (the drivers carry the error number, not the SQLSTATE): 1049, 1045.
     _Refusal(
@@ -94,9 +95,9 @@ _REFUSALS: Final = (
         None,
         re.compile(r"\(1045, \"Access denied for user '(?P<name>[^']*)'@'[^']*'"),
         "username",
-        "access denied for user '{name}': check the user name and password in the URL, "
-        "and that the user may connect from this host (CREATE USER / GRANT ... TO "
-        "'{name}'@'host')",
+        "access denied for user '{name}': check the user name and the password (in the "
+        "URL, or what password= returns), and that the user may connect from this host "
+        "(CREATE USER / GRANT ... TO '{name}'@'host')",
     ),
 )
 
