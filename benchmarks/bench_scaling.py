@@ -217,7 +217,8 @@ def write_chart(documents: Sequence[Mapping[str, Any]], path: Path) -> bool:
     git = (first["machine"].get("git") or {}).get("commit", "?")[:12]
     fig.suptitle(
         f"begin + one read, ratio to bare async_sessionmaker (median of rounds, min..max) — "
-        f"{first['created'][:10]}, {first['machine']['cpu_count']} CPUs, commit {git}",
+        f"{first['created'][:10]}, {first['machine'].get('cpu_model') or 'unknown CPU'}, "
+        f"{first['machine']['cpu_count']} CPUs, commit {git}",
         fontsize=8,
     )
     fig.tight_layout()

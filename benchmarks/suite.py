@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -52,10 +51,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from . import (
     bench_asgi,
+    bench_calls,
     bench_cancel,
     bench_factory,
     bench_liveness,
+    bench_memory,
     bench_read,
+    bench_scaling,
     bench_sqlite,
     bench_write,
     harness,
@@ -114,55 +116,178 @@ SCENARIOS: tuple[Scenario, ...] = (
 
 @dataclass(frozen=True)
 class Target:
-    """``contender`` must reach ``minimum`` x the throughput of ``versus`` (same round)."""
+    """``contender`` must reach ``minimum`` x the throughput of ``versus`` (same round).
+
+    ``backends``: where the target applies. ``minimum=None``: the ratio is reported,
+    with no target. ``counts``: the two ``bench_calls`` contenders doing the same
+    operation, whose calls/op and hops/op ratio is shown beside the timed one.
+    """
 
     scenario: str
     contender: str
     versus: str
-    minimum: float
+    minimum: float | None
     label: str
+    backends: frozenset[str] = frozenset({"postgresql", "sqlite", "mysql"})
+    counts: tuple[str, str] | None = None
 
 
+SQLITE = frozenset({"sqlite"})
+POSTGRESQL = frozenset({"postgresql"})
+MYSQL = frozenset({"mysql"})
+READ_COUNTS = (bench_calls.SESSIONFORGE_BEGIN, bench_calls.BASELINE)
+READER_COUNTS = (bench_calls.SESSIONFORGE_READER, bench_calls.BASELINE)
+WRITE_COUNTS = (bench_calls.SESSIONFORGE_WRITE, bench_calls.WRITE_BASELINE)
+
+# The targets of issue 16 (performance round two). On SQLite sessionforge runs on the
+# URL as a user writes it (sqlite:///file.db), the baselines on sqlite+aiosqlite.
 TARGETS: tuple[Target, ...] = (
     Target(
         "factory",
         "sessionforge",
         bench_factory.BASELINE,
-        0.97,
-        "factory overhead within 3% of bare async_sessionmaker",
+        1.5,
+        "SQLite: begin + one read >= 1.5x bare SQLAlchemy + aiosqlite",
+        SQLITE,
+        READ_COUNTS,
+    ),
+    Target(
+        "write",
+        "sessionforge",
+        bench_write.BASELINE,
+        1.5,
+        "SQLite: begin + one insert >= 1.5x bare SQLAlchemy + aiosqlite",
+        SQLITE,
+        WRITE_COUNTS,
     ),
     Target(
         "read",
         bench_read.READER,
         bench_read.BASELINE,
-        1.4,
-        "reader() >= 1.4x bare begin() for a single-statement read",
+        1.5,
+        "SQLite: reader() >= 1.5x bare begin() on aiosqlite",
+        SQLITE,
+        READER_COUNTS,
     ),
     Target(
         "asgi",
         "sessionforge dependency",
         bench_asgi.BASELINE,
-        0.97,
-        "ASGI dependency >= 0.97x a hand-written dependency",
+        1.5,
+        "SQLite: FastAPI dependency >= 1.5x hand-written on aiosqlite",
+        SQLITE,
+    ),
+    Target(
+        "cancel",
+        bench_cancel.SESSIONFORGE,
+        bench_cancel.BASELINE,
+        1.5,
+        "SQLite: half-cancelled load >= 1.5x bare SQLAlchemy + aiosqlite",
+        SQLITE,
+    ),
+    Target(
+        "liveness",
+        bench_liveness.SESSIONFORGE,
+        bench_liveness.BASELINE,
+        1.5,
+        "SQLite: busy pool >= 1.5x bare SQLAlchemy + aiosqlite",
+        SQLITE,
+    ),
+    Target(
+        "sqlite",
+        bench_sqlite.DEFAULT_URL_CONTENDER,
+        bench_sqlite.BASELINE,
+        2.5,
+        "SQLite commits: sqlite:/// >= 2.5x SQLAlchemy + aiosqlite",
+        SQLITE,
+    ),
+    Target(
+        "factory",
+        "sessionforge",
+        bench_factory.BASELINE,
+        1.0,
+        "PostgreSQL: begin + one read >= 1.0x bare async_sessionmaker",
+        POSTGRESQL,
+        READ_COUNTS,
+    ),
+    Target(
+        "write",
+        "sessionforge",
+        bench_write.BASELINE,
+        1.0,
+        "PostgreSQL: begin + one insert >= 1.0x bare async_sessionmaker",
+        POSTGRESQL,
+        WRITE_COUNTS,
+    ),
+    Target(
+        "factory",
+        "sessionforge",
+        "raw asyncpg",
+        None,
+        "PostgreSQL: begin + one read, sessionforge / raw asyncpg",
+        POSTGRESQL,
+    ),
+    Target(
+        "read",
+        bench_read.READER,
+        bench_read.BASELINE,
+        1.5,
+        "PostgreSQL: reader() >= 1.5x bare begin()",
+        POSTGRESQL,
+        READER_COUNTS,
+    ),
+    Target(
+        "asgi",
+        "sessionforge dependency",
+        bench_asgi.BASELINE,
+        1.1,
+        "PostgreSQL: FastAPI dependency >= 1.1x hand-written",
+        POSTGRESQL,
     ),
     Target(
         "asgi",
         "sessionforge dependency",
         "advanced-alchemy",
-        1.15,
-        "ASGI dependency >= 1.15x advanced-alchemy",
+        1.3,
+        "PostgreSQL: FastAPI dependency >= 1.3x advanced-alchemy",
+        POSTGRESQL,
+    ),
+    Target(
+        "asgi",
+        "sessionforge dependency",
+        "raw asyncpg",
+        None,
+        "PostgreSQL: FastAPI dependency, sessionforge / raw asyncpg",
+        POSTGRESQL,
     ),
     Target(
         "liveness",
         bench_liveness.SESSIONFORGE,
         bench_liveness.PRE_PING,
         1.15,
-        "ping_after >= 1.15x pool_pre_ping on a busy pool",
+        "PostgreSQL: ping_after >= 1.15x pool_pre_ping on a busy pool (round one)",
+        POSTGRESQL,
+    ),
+    Target(
+        "factory",
+        "sessionforge",
+        bench_factory.BASELINE,
+        0.97,
+        "MariaDB: begin + one read >= 0.97x bare async_sessionmaker, same driver",
+        MYSQL,
+        READ_COUNTS,
     ),
 )
 
 FULL = {"rounds": 4, "seconds": 0.9, "warmup": 0.25}
 QUICK = {"rounds": 1, "seconds": 0.3, "warmup": 0.1}
+
+#: Measurements that are not harness scenarios, run after them (in this order): the
+#: deterministic counts, the memory per session, and the scaling grid (its own rounds:
+#: bench_scaling.FULL / QUICK). Named in --scenarios like the scenarios.
+EXTRAS: tuple[str, ...] = ("calls", "memory", "scaling")
+EXTRA_BACKENDS = frozenset({"postgresql", "sqlite"})
+CALLS_OPS = {"full": (300, 30), "quick": (20, 5)}  # (counted ops, warm-up ops)
 
 
 # command line ----------------------------------------------------------------------
@@ -175,7 +300,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    names = [s.name for s in SCENARIOS]
+    names = [s.name for s in SCENARIOS] + list(EXTRAS)
     add("--scenarios", default="all", help=f"comma-separated, from: {', '.join(names)}")
     add(
         "--url",
@@ -183,7 +308,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"database URL, or 'sqlite' for a temporary file (default: ${harness.URL_ENV} "
         "if set, else 'sqlite')",
     )
-    add("--quick", action="store_true", help="a smoke run: 1 round of 0.3 s per contender")
+    add(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 round of 0.3 s per contender, a short scaling grid, few counts",
+    )
     add("--rounds", type=int, default=None, help=f"rounds (default {FULL['rounds']})")
     add("--seconds", type=float, default=None, help=f"seconds (default {FULL['seconds']})")
     add("--warmup", type=float, default=None, help=f"warm-up (default {FULL['warmup']})")
@@ -282,14 +411,7 @@ async def server_version(url: str) -> str:
         await engine.dispose()
 
 
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+cpu_model = harness.cpu_model
 
 
 # running ---------------------------------------------------------------------------
@@ -331,32 +453,171 @@ async def run_all(
     return reports, failures
 
 
+def run_extras(
+    names: Sequence[str], params: Params, server: str, *, quick: bool, failures: dict[str, str]
+) -> dict[str, Any]:
+    """Run the measurements of ``EXTRAS`` named in ``names``; a failure is recorded in
+    ``failures`` and the others still run. Returns their documents by name."""
+    factory_url = params.sessionforge_url()
+    measured: dict[str, Any] = {}
+    for name in names:
+        try:
+            if name == "calls":
+                ops, warmup = CALLS_OPS["quick" if quick else "full"]
+                counts = asyncio.run(bench_calls.measure(params.url, ops, warmup, factory_url))
+                measured[name] = bench_calls.document(params.url, factory_url, ops, counts)
+                table = bench_calls.format_counts(counts)
+                title = "deterministic counts per operation"
+            elif name == "memory":
+                sessions, held, repeats = (
+                    (20, 5, 1)
+                    if quick
+                    else (bench_memory.SESSIONS, bench_memory.HELD, bench_memory.REPEATS)
+                )
+                states = asyncio.run(
+                    bench_memory.measure(params.url, factory_url, sessions, held, repeats)
+                )
+                measured[name] = bench_memory.document(params.url, factory_url, states, repeats)
+                table = bench_memory.format_table(measured[name])
+                title = "bytes per open session"
+            else:
+                preset = bench_scaling.QUICK if quick else bench_scaling.FULL
+                grid = Params(
+                    url=params.url,
+                    rounds=int(preset["rounds"]),
+                    seconds=preset["seconds"],
+                    warmup=preset["warmup"],
+                    factory_url=params.factory_url,
+                )
+                reports = asyncio.run(bench_scaling.measure(grid))
+                measured[name] = bench_scaling.document(reports, server)
+                table = bench_scaling.format_table(measured[name])
+                title = "cost by tasks and pool size"
+        except Exception:
+            harness.progress("")
+            failures[name] = traceback.format_exc()
+            print(f"\n{name}: FAILED\n{failures[name]}", file=sys.stderr)
+            continue
+        print(f"\n## {name}: {title}\n")
+        print(table)
+        sys.stdout.flush()
+    return measured
+
+
 def pair_ratio(report: Report, contender: str, versus: str) -> list[float]:
     ours, theirs = report.ops_per_s[contender], report.ops_per_s[versus]
     return [a / b for a, b in zip(ours, theirs, strict=True)]
 
 
-def evaluate(reports: Sequence[Report]) -> list[dict[str, Any]]:
-    """Each target whose scenario ran: the median per-round ratio, and whether it is met."""
+def backend_of(report: Report) -> str:
+    return make_url(report.params.url).get_backend_name()
+
+
+def evaluate(
+    reports: Sequence[Report], counts: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Each target whose scenario ran on its backend: the median per-round ratio, whether
+    it is met (``None``: only reported), and the matching deterministic counts."""
     by_name = {r.scenario: r for r in reports}
     results = []
     for target in TARGETS:
         report = by_name.get(target.scenario)
-        if report is None or not {target.contender, target.versus} <= report.ops_per_s.keys():
+        if report is None or backend_of(report) not in target.backends:
+            continue
+        if not {target.contender, target.versus} <= report.ops_per_s.keys():
             continue
         ratios = pair_ratio(report, target.contender, target.versus)
         value = statistics.median(ratios)
+        entry: dict[str, Any] = {
+            "scenario": target.scenario,
+            "contender": target.contender,
+            "versus": target.versus,
+            "minimum": target.minimum,
+            "label": target.label,
+            "ratio": value,
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "met": None if target.minimum is None else value >= target.minimum,
+        }
+        if target.counts is not None and counts is not None:
+            entry["counts"] = count_ratio(counts, *target.counts)
+        results.append(entry)
+    return results
+
+
+def count_ratio(counts: dict[str, Any], contender: str, versus: str) -> dict[str, Any] | None:
+    """``contender``'s calls/op and hops/op against ``versus``'s (bench_calls' JSON)."""
+    by_name = {c["contender"]: c for c in counts["counts"]}
+    if contender not in by_name or versus not in by_name:
+        return None
+    ours, theirs = by_name[contender], by_name[versus]
+    hops = None
+    if ours["hops_per_op"] is not None and theirs["hops_per_op"]:
+        hops = ours["hops_per_op"] / theirs["hops_per_op"]
+    return {
+        "contender": contender,
+        "versus": versus,
+        "calls_per_op": ours["calls_per_op"],
+        "versus_calls_per_op": theirs["calls_per_op"],
+        "calls_ratio": ours["calls_per_op"] / theirs["calls_per_op"],
+        "hops_per_op": ours["hops_per_op"],
+        "versus_hops_per_op": theirs["hops_per_op"],
+        "hops_ratio": hops,
+    }
+
+
+NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mysql": "MariaDB"}
+
+
+def extra_targets(
+    backend: str,
+    scaling: dict[str, Any] | None,
+    memory: dict[str, Any] | None,
+    counts: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """The scaling target (the worst point of the grid) and the memory one."""
+    name = NAMES.get(backend, backend)
+    results = []
+    if scaling is not None:
+        worst, target = scaling["worst"], scaling["target"]
+        best = max(p["ratio"] for p in scaling["points"])
+        sign = ">" if target["strict"] else ">="
+        tasks = "/".join(map(str, scaling["tasks"]))
+        pools = "/".join(map(str, scaling["pools"]))
+        entry = {
+            "scenario": "scaling",
+            "contender": scaling["contender"],
+            "versus": scaling["baseline"],
+            "minimum": target["minimum"],
+            "label": f"{name}: scaling, sessionforge {sign} {target['minimum']:g}x bare at "
+            f"every point ({tasks} tasks x pools {pools}); worst point shown, "
+            f"{worst['tasks']} tasks, pool {worst['pool_size']}",
+            "ratio": worst["ratio"],
+            "ratio_min": worst["ratio"],
+            "ratio_max": best,
+            "met": target["met"],
+        }
+        if counts is not None:
+            entry["counts"] = count_ratio(counts, *READ_COUNTS)
+        results.append(entry)
+    if memory is not None:
+        ratios = [
+            state["contenders"][memory["contender"]]["ratio_to_baseline"]
+            for state in memory["states"].values()
+        ]
         results.append(
             {
-                "scenario": target.scenario,
-                "contender": target.contender,
-                "versus": target.versus,
-                "minimum": target.minimum,
-                "label": target.label,
-                "ratio": value,
+                "scenario": "memory",
+                "contender": memory["contender"],
+                "versus": memory["baseline"],
+                "maximum": memory["target"]["maximum"],
+                "minimum": None,
+                "label": f"{name}: bytes per open session <= "
+                f"{memory['target']['maximum']:g}x bare (worst state shown)",
+                "ratio": max(ratios),
                 "ratio_min": min(ratios),
                 "ratio_max": max(ratios),
-                "met": value >= target.minimum,
+                "met": memory["target"]["met"],
             }
         )
     return results
@@ -386,10 +647,13 @@ def extra_lines(report: Report) -> list[str]:
             details = ", ".join(f"{k} {v:.0f}" for k, v in sorted(figures.items()))
             lines.append(f"{name}: {details}; {verdict}")
     for target in evaluate([report]):
-        verdict = "met" if target["met"] else "NOT MET"
+        if target["minimum"] is None:
+            verdict = "reported, no target"
+        else:
+            met = "met" if target["met"] else "NOT MET"
+            verdict = f"target >= {target['minimum']:g}: {met}"
         lines.append(
-            f"{target['contender']} / {target['versus']}: {target['ratio']:.3f} "
-            f"(target >= {target['minimum']:g}: {verdict})"
+            f"{target['contender']} / {target['versus']}: {target['ratio']:.3f} ({verdict})"
         )
     return lines
 
@@ -405,8 +669,14 @@ def suite_document(
     server: str,
     started: datetime,
     elapsed: float,
+    extras: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The suite's JSON; ``extras`` holds the ``calls``, ``memory`` and ``scaling``
+    documents of the runs that were made."""
     machine = harness.machine_info() | {"cpu_model": cpu_model(), "server": server}
+    extras = extras or {}
+    counts, memory, scaling = extras.get("calls"), extras.get("memory"), extras.get("scaling")
+    name = make_url(params.url).get_backend_name()
     return {
         "suite": "sessionforge benchmarks",
         "created": started.isoformat(),
@@ -427,8 +697,11 @@ def suite_document(
             | ({"outcomes": cancel_outcomes(r)} if r.scenario == "cancel" else {})
             for r in reports
         },
+        "calls": counts,
+        "memory": memory,
+        "scaling": scaling,
         "failures": failures,
-        "targets": evaluate(reports),
+        "targets": evaluate(reports, counts) + extra_targets(name, scaling, memory, counts),
     }
 
 
@@ -496,9 +769,9 @@ def write_chart(document: dict[str, Any], path: Path) -> bool:
     seen: Counter[float] = Counter()
     for target in document["targets"]:
         row = positions.get((target["scenario"], target["contender"]))
+        if row is None or target["minimum"] is None:
+            continue  # a scenario not charted here (scaling, memory), or no target
         versus = document["scenarios"][target["scenario"]]["summary"][target["versus"]]
-        if row is None:
-            continue
         where = min(target["minimum"] * versus["ratio_to_baseline"], cap)
         ax.plot([where, where], [row - 0.45, row + 0.45], color="#c62828", linewidth=2)
         above = seen[row] % 2 == 0  # a second target on the same row goes below it
@@ -518,9 +791,11 @@ def write_chart(document: dict[str, Any], path: Path) -> bool:
     ax.set_xlim(0, cap * 1.12)
     ax.set_xlabel("throughput / the scenario's baseline (median of per-round ratios)")
     machine = document["machine"]
+    commit = (machine.get("git") or {}).get("commit", "?")[:12]
     ax.set_title(
         f"sessionforge benchmarks on {machine['server']} — {document['created'][:10]}, "
-        f"{machine['cpu_count']} CPUs, {document['params']['rounds']} rounds\n"
+        f"{machine.get('cpu_model') or 'unknown CPU'}, {machine['cpu_count']} CPUs, "
+        f"commit {commit}, {document['params']['rounds']} rounds\n"
         "grey: baseline, blue: sessionforge, orange: other libraries, light: raw driver; "
         "red: target",
         fontsize=8,
@@ -570,15 +845,11 @@ def markdown(documents: Sequence[dict[str, Any]]) -> str:
             f"{params['pool_size']}; database and client on the same machine.",
             "",
             f"![ratio to baseline per scenario]({'suite-' + doc['backend'] + '.png'})",
-            "",
-            "| target | measured | |",
-            "|---|---:|---|",
         ]
-        for t in doc["targets"]:
-            lines.append(
-                f"| {t['label']} | {t['ratio']:.3f} ({t['ratio_min']:.2f}..{t['ratio_max']:.2f})"
-                f" | {'met' if t['met'] else '**not met**'} |"
-            )
+        lines += target_table(doc)
+        lines += counts_table(doc.get("calls"))
+        lines += scaling_table(doc.get("scaling"))
+        lines += memory_table(doc.get("memory"))
         for name, scenario in doc["scenarios"].items():
             lines += [
                 "",
@@ -615,6 +886,121 @@ def markdown(documents: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Targets of the issue that the suite does not measure, and how to measure them.
+UNMEASURED: dict[str, tuple[str, ...]] = {
+    "postgres": (
+        "Replicas: reader() on a caught-up replica >= 0.95x reader() on the primary",
+        "Replicas: a write with read-your-writes on >= 0.9x off",
+    ),
+}
+UNMEASURED_HOW = (
+    "not measured by `make bench` (needs a replicated cluster): "
+    "`python -m benchmarks.bench_replicas --part read` / `--part write`"
+)
+
+
+def target_table(doc: dict[str, Any]) -> list[str]:
+    """The targets of one backend: measured figure, verdict, and the counts beside it."""
+    lines = [
+        "",
+        "| target | measured (min..max) | | calls/op vs | hops/op vs |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for t in doc["targets"]:
+        verdict = "reported" if t["met"] is None else "met" if t["met"] else "**not met**"
+        counts = t.get("counts")
+        calls = hops = "-"
+        if counts:
+            calls = f"{counts['calls_ratio']:.3f}"
+            if counts["hops_ratio"] is not None:
+                hops = f"{counts['hops_per_op']:g} / {counts['versus_hops_per_op']:g}"
+        lines.append(
+            f"| {t['label']} | {t['ratio']:.3f} ({t['ratio_min']:.2f}..{t['ratio_max']:.2f})"
+            f" | {verdict} | {calls} | {hops} |"
+        )
+    for label in UNMEASURED.get(doc["backend"], ()):
+        lines.append(f"| {label} | - | {UNMEASURED_HOW} | - | - |")
+    lines += [
+        "",
+        "*calls/op vs*: Python calls per operation of the same operation, sessionforge / "
+        "the baseline (`bench_calls`, deterministic: a noisy run moves the timed ratio, "
+        "not this); *hops/op*: hand-offs to the SQLite driver thread per operation, "
+        "sessionforge / baseline.",
+    ]
+    return lines
+
+
+def counts_table(counts: dict[str, Any] | None) -> list[str]:
+    if counts is None:
+        return []
+    with_hops = any(c["hops_per_op"] is not None for c in counts["counts"])
+    lines = [
+        "",
+        f"### Deterministic counts (`bench_calls`, {counts['ops']} operations, one task)",
+        "",
+        "| contender | calls/op | vs | hops/op | vs |"
+        if with_hops
+        else "| contender | calls/op | vs |",
+        "|---|---:|---:|---:|---:|" if with_hops else "|---|---:|---:|",
+    ]
+    for c in counts["counts"]:
+        share = counts["ratios"][c["contender"]]
+        mark = " *" if c["contender"] == c["versus"] else ""
+        row = f"| {c['contender']}{mark} | {c['calls_per_op']:,.0f} | {share['calls']:.3f} |"
+        if with_hops:
+            hops = "-" if c["hops_per_op"] is None else f"{c['hops_per_op']:g}"
+            ratio = "-" if share["hops"] is None else f"{share['hops']:.3f}"
+            row += f" {hops} | {ratio} |"
+        lines.append(row)
+    lines += ["", "vs: ratio to the contender marked * above it (read, then write)."]
+    return lines
+
+
+def scaling_table(scaling: dict[str, Any] | None) -> list[str]:
+    if scaling is None:
+        return []
+    params = scaling["params"]
+    lines = [
+        "",
+        "### scaling: begin + one read, by tasks and pool size",
+        "",
+        f"sessionforge on `{params['factory_url']}`, bare on `{params['url']}`; "
+        f"{params['rounds']} rounds x {params['seconds']:g} s per contender and point. "
+        "Chart: [scaling.png](scaling.png).",
+        "",
+        "| tasks | pool | sessionforge ops/s | bare ops/s | ratio | ratio min..max |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for point in scaling["points"]:
+        ops = point["ops_per_s"]
+        lines.append(
+            f"| {point['tasks']} | {point['pool_size']} | {ops[scaling['contender']]:,.0f} | "
+            f"{ops[scaling['baseline']]:,.0f} | {point['ratio']:.3f} | "
+            f"{point['ratio_min']:.2f}..{point['ratio_max']:.2f} |"
+        )
+    return lines
+
+
+def memory_table(memory: dict[str, Any] | None) -> list[str]:
+    if memory is None:
+        return []
+    lines = [
+        "",
+        "### memory: bytes per open session (tracemalloc)",
+        "",
+        "| state | contender | sessions | bytes/session | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for state, entry in memory["states"].items():
+        for name, values in entry["contenders"].items():
+            mark = " *" if name == memory["baseline"] else ""
+            lines.append(
+                f"| {state} | {name}{mark} | {entry['sessions']} | "
+                f"{values['bytes_per_session']:,.0f} | {values['ratio_to_baseline']:.3f} |"
+            )
+    return lines
+
+
 def publish(results_dir: Path, docs_dir: Path, labels: Sequence[str]) -> None:
     """Draw the chart of each backend in ``labels`` and rebuild results.md (all backends)."""
     documents = {
@@ -630,6 +1016,16 @@ def publish(results_dir: Path, docs_dir: Path, labels: Sequence[str]) -> None:
             print(f"chart: {chart}")
         else:
             print(f"chart: not drawn, it needs matplotlib: {BENCH_EXTRA_HINT}")
+    scaling = [
+        doc["scaling"]
+        | {"machine": doc["scaling"]["machine"] | {"server": doc["machine"]["server"]}}
+        for doc in documents.values()
+        if doc.get("scaling")
+    ]
+    if scaling and any(documents[label].get("scaling") for label in labels if label in documents):
+        chart = docs_dir / "scaling.png"
+        if bench_scaling.write_chart(scaling, chart):
+            print(f"chart: {chart}")
     table = docs_dir / "results.md"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(markdown(list(documents.values())))
@@ -644,7 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         publish(results_dir, docs_dir, ("sqlite", "postgres", "mariadb"))
         return 0
     with ExitStack() as stack:
-        url = resolve_url(args.url, stack)
+        url, written = resolve_urls(args.url, stack)
         url_text = url.render_as_string(hide_password=False)
         backend = url.get_backend_name()
         label = backend_label(url)
@@ -660,6 +1056,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = [s for s in SCENARIOS if s.name in args.scenarios]
         skipped = [s.name for s in chosen if backend not in s.backends]
         chosen = [s for s in chosen if backend in s.backends]
+        extras = [name for name in EXTRAS if name in args.scenarios]
+        if backend not in EXTRA_BACKENDS:
+            skipped += extras
+            extras = []
         if skipped:
             print(f"not for {backend}: {', '.join(skipped)}")
         params = Params(
@@ -669,12 +1069,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=args.warmup,
             tasks=args.tasks,
             pool_size=args.pool_size,
+            factory_url=written if written != url_text else None,
         )
         print(f"# sessionforge benchmark suite on {server} ({harness.masked(url_text)})")
+        if params.factory_url:
+            print(f"# sessionforge contenders on {harness.masked(params.factory_url)}")
         started, clock = datetime.now(UTC), time.perf_counter()
         reports, failures = asyncio.run(run_all(chosen, params))
+        measured = run_extras(extras, params, server, quick=args.quick, failures=failures)
         document = suite_document(
-            reports, failures, params, label, server, started, time.perf_counter() - clock
+            reports,
+            failures,
+            params,
+            label,
+            server,
+            started,
+            time.perf_counter() - clock,
+            measured,
         )
 
     results_dir.mkdir(parents=True, exist_ok=True)
