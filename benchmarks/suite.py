@@ -319,6 +319,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--tasks", type=int, default=10, help="concurrent asyncio tasks")
     add("--pool-size", type=int, default=10, help="connection pool size of every contender")
     add(
+        "--scaling-tasks",
+        default=",".join(map(str, bench_scaling.TASKS)),
+        help="the scaling grid's task counts, comma-separated",
+    )
+    add(
+        "--scaling-pools",
+        default=",".join(map(str, bench_scaling.POOLS)),
+        help="the scaling grid's pool sizes, comma-separated",
+    )
+    add(
         "--out",
         type=Path,
         default=None,
@@ -349,6 +359,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {names}")
     if args.rounds < 1 or args.tasks < 1 or args.pool_size < 1 or args.seconds <= 0:
         parser.error("--rounds, --tasks and --pool-size must be >= 1, --seconds > 0")
+    try:
+        args.scaling_tasks = [int(n) for n in args.scaling_tasks.split(",")]
+        args.scaling_pools = [int(n) for n in args.scaling_pools.split(",")]
+    except ValueError:
+        parser.error("--scaling-tasks and --scaling-pools take comma-separated whole numbers")
+    if min(args.scaling_tasks + args.scaling_pools) < 1:
+        parser.error("--scaling-tasks and --scaling-pools must be >= 1")
     return args
 
 
@@ -372,7 +389,10 @@ def resolve_urls(url: str, stack: ExitStack) -> tuple[URL, str]:
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.get_driver_name() in {"pysqlite", ""}:
         parsed = parsed.set(drivername="sqlite+aiosqlite")
-    elif backend == "postgresql" and parsed.get_driver_name() in {"psycopg2", ""}:
+    elif backend == "postgresql" and (
+        "+" not in parsed.drivername or parsed.get_driver_name() == "psycopg2"
+    ):
+        # SQLAlchemy 2.1's default for postgresql:// is psycopg; sessionforge's is asyncpg.
         parsed = parsed.set(drivername="postgresql+asyncpg")
     elif backend in {"mysql", "mariadb"}:
         # mariadb:// is folded to mysql, as sessionforge does; mysqldb is SQLAlchemy's
@@ -454,7 +474,12 @@ async def run_all(
 
 
 def run_extras(
-    names: Sequence[str], params: Params, server: str, *, quick: bool, failures: dict[str, str]
+    names: Sequence[str],
+    params: Params,
+    server: str,
+    quick: bool,
+    grid: tuple[Sequence[int], Sequence[int]],
+    failures: dict[str, str],
 ) -> dict[str, Any]:
     """Run the measurements of ``EXTRAS`` named in ``names``; a failure is recorded in
     ``failures`` and the others still run. Returns their documents by name."""
@@ -470,7 +495,7 @@ def run_extras(
                 title = "deterministic counts per operation"
             elif name == "memory":
                 sessions, held, repeats = (
-                    (20, 5, 1)
+                    bench_memory.QUICK
                     if quick
                     else (bench_memory.SESSIONS, bench_memory.HELD, bench_memory.REPEATS)
                 )
@@ -482,14 +507,14 @@ def run_extras(
                 title = "bytes per open session"
             else:
                 preset = bench_scaling.QUICK if quick else bench_scaling.FULL
-                grid = Params(
+                point = Params(
                     url=params.url,
                     rounds=int(preset["rounds"]),
                     seconds=preset["seconds"],
                     warmup=preset["warmup"],
                     factory_url=params.factory_url,
                 )
-                reports = asyncio.run(bench_scaling.measure(grid))
+                reports = asyncio.run(bench_scaling.measure(point, *grid))
                 measured[name] = bench_scaling.document(reports, server)
                 table = bench_scaling.format_table(measured[name])
                 title = "cost by tasks and pool size"
@@ -1076,7 +1101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# sessionforge contenders on {harness.masked(params.factory_url)}")
         started, clock = datetime.now(UTC), time.perf_counter()
         reports, failures = asyncio.run(run_all(chosen, params))
-        measured = run_extras(extras, params, server, quick=args.quick, failures=failures)
+        grid = (args.scaling_tasks, args.scaling_pools)
+        measured = run_extras(extras, params, server, args.quick, grid, failures)
         document = suite_document(
             reports,
             failures,

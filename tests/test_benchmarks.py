@@ -71,9 +71,12 @@ def test_suite_quick_run_writes_json_chart_and_table(tmp_path: Path) -> None:
         for figures in summary.values():
             assert figures["median_ops_per_s"] > 0
             assert figures["ratio_to_baseline"] > 0
-    [target] = document["targets"]  # only the factory target applies to these two
-    assert target["scenario"] == "factory"
-    assert target["ratio"] > 0
+    # The SQLite targets of these two scenarios: sessionforge on sqlite:/// vs aiosqlite.
+    targets = {t["scenario"]: t for t in document["targets"]}
+    assert set(targets) == {"factory", "write"}
+    assert all(t["minimum"] == 1.5 and t["ratio"] > 0 for t in targets.values())
+    assert document["scenarios"]["factory"]["params"]["factory_url"].startswith("sqlite:///")
+    assert document["scenarios"]["factory"]["params"]["url"].startswith("sqlite+aiosqlite:///")
     assert document["machine"]["server"].startswith("SQLite ")
 
     out = tmp_path / "out"
@@ -102,26 +105,131 @@ def test_suite_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "results.md").exists()
 
 
-def test_calls_per_operation_are_counted_for_every_contender(tmp_path: Path) -> None:
-    result = tmp_path / "calls.json"
+def run_module(module: str, *args: str, timeout: float = 60) -> str:
     done = subprocess.run(
-        [
-            *(sys.executable, "-m", "benchmarks.bench_calls", "--url", "sqlite"),
-            *("--ops", "5", "--warmup", "2", "--json", str(result)),
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_calls_and_thread_hops_are_counted_for_every_contender(tmp_path: Path) -> None:
+    result = tmp_path / "calls.json"
+    stdout = run_module(
+        "benchmarks.bench_calls",
+        *("--url", "sqlite", "--ops", "5", "--warmup", "2", "--json", str(result)),
+    )
     document = json.loads(result.read_text())
-    counts = {count["contender"]: count["calls_per_op"] for count in document["counts"]}
+    counts = {count["contender"]: count for count in document["counts"]}
     assert set(counts) == {
         "sessionforge begin()",
         "bare async_sessionmaker.begin()",
         "sessionforge reader()",
         "async_sessionmaker, AUTOCOMMIT engine",
+        "sessionforge begin() + insert",
+        "bare begin() + insert",
     }
-    assert all(calls > 100 for calls in counts.values())  # an ORM read is hundreds of calls
-    assert "bare async_sessionmaker.begin() *" in done.stdout
+    for count in counts.values():
+        assert count["calls_per_op"] > 100  # an ORM transaction is hundreds of calls
+        # On SQLite every operation reaches a driver thread at least once (its SELECT
+        # or INSERT), and hops are whole numbers per operation here: a warm, one-task
+        # loop repeats the same steps.
+        assert count["hops_per_op"] >= 1
+        assert count["hops_per_op"] == sum(count["hops_by_kind"].values())
+    assert counts["bare async_sessionmaker.begin()"]["hops_by_kind"].keys() == {"aiosqlite"}
+    assert document["factory_url"].startswith("sqlite:///")
+    assert document["url"].startswith("sqlite+aiosqlite:///")
+    assert document["ratios"]["bare begin() + insert"] == {"calls": 1.0, "hops": 1.0}
+    assert "bare async_sessionmaker.begin() *" in stdout
+    assert "hops/op" in stdout
+
+
+def test_scaling_quick_run_writes_every_point_and_the_chart(tmp_path: Path) -> None:
+    result, chart = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    stdout = run_module(
+        "benchmarks.bench_scaling",
+        *("--url", "sqlite", "--quick", "--tasks", "1,4", "--pools", "2,3"),
+        *("--json", str(result), "--chart", str(chart)),
+    )
+    document = json.loads(result.read_text())
+
+    assert document["tasks"] == [1, 4]
+    assert document["pools"] == [2, 3]
+    points = {(p["tasks"], p["pool_size"]): p for p in document["points"]}
+    assert set(points) == {(1, 2), (4, 2), (1, 3), (4, 3)}
+    for point in points.values():
+        assert point["ops_per_s"].keys() == {"sessionforge", "bare async_sessionmaker"}
+        assert all(ops > 0 for ops in point["ops_per_s"].values())
+        assert point["ratio_min"] <= point["ratio"] <= point["ratio_max"]
+        assert len(point["rounds"]) == 1
+    assert document["worst"]["ratio"] == min(p["ratio"] for p in points.values())
+    # On SQLite sessionforge must beat the baseline at every point (issue 16).
+    assert document["target"]["minimum"] == 1.0
+    assert document["target"]["strict"] is True
+    assert document["params"]["factory_url"].startswith("sqlite:///")
+    assert "worst point:" in stdout
+    if HAS_MATPLOTLIB:
+        assert chart.stat().st_size > 0
+    else:
+        assert "pip install 'sessionforge[bench]'" in stdout
+
+
+def test_memory_quick_run_reports_bytes_per_session(tmp_path: Path) -> None:
+    result = tmp_path / "memory.json"
+    stdout = run_module(
+        "benchmarks.bench_memory", "--url", "sqlite", "--quick", "--json", str(result)
+    )
+    document = json.loads(result.read_text())
+
+    assert set(document["states"]) == {"new", "in transaction"}
+    for state in document["states"].values():
+        contenders = state["contenders"]
+        assert contenders.keys() == {"sessionforge", "bare async_sessionmaker"}
+        # A session is at least a few hundred bytes of Python objects; one in a
+        # transaction with a loaded row holds more than a new one.
+        assert all(c["bytes_per_session"] > 300 for c in contenders.values())
+        assert contenders["bare async_sessionmaker"]["ratio_to_baseline"] == 1.0
+    new, held = document["states"]["new"], document["states"]["in transaction"]
+    assert (
+        held["contenders"]["sessionforge"]["bytes_per_session"]
+        > (new["contenders"]["sessionforge"]["bytes_per_session"])
+    )
+    assert document["target"]["maximum"] == 1.1
+    assert "bytes/session" in stdout
+
+
+def test_suite_runs_counts_memory_and_scaling_into_results(tmp_path: Path) -> None:
+    stdout = run_suite(
+        tmp_path,
+        *("--scenarios", "calls,memory,scaling"),
+        *("--scaling-tasks", "1,3", "--scaling-pools", "2"),
+    )
+    document = latest(tmp_path)
+
+    assert document["failures"] == {}
+    assert document["scenarios"] == {}
+    assert {c["contender"] for c in document["calls"]["counts"]} >= {"sessionforge begin()"}
+    assert [(p["tasks"], p["pool_size"]) for p in document["scaling"]["points"]] == [
+        (1, 2),
+        (3, 2),
+    ]
+    targets = {t["scenario"]: t for t in document["targets"]}
+    assert set(targets) == {"scaling", "memory"}
+    # The scaling target shows the deterministic counts of the same operation beside it.
+    assert targets["scaling"]["counts"]["calls_ratio"] > 0
+    assert targets["scaling"]["counts"]["hops_per_op"] >= 1
+    results = (tmp_path / "out" / "results.md").read_text()
+    for heading in (
+        "### Deterministic counts",
+        "### scaling: begin + one read, by tasks and pool size",
+        "### memory: bytes per open session (tracemalloc)",
+        "| SQLite: scaling, sessionforge > 1x bare at every point",
+    ):
+        assert heading in results
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
+    assert "## scaling: cost by tasks and pool size" in stdout
