@@ -44,6 +44,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from queue import SimpleQueue
@@ -72,6 +73,18 @@ _T = TypeVar("_T")
 
 #: The driver name: ``sqlite+sessionforge:///app.db``.
 DRIVER: Final = "sessionforge"
+
+#: A statement whose moving-average time stays under this runs on the event loop's
+#: thread (seconds). ``benchmarks/bench_loop_latency.py`` measures what it costs others.
+INLINE_BUDGET: Final = 0.0005
+_SMOOTHING: Final = 0.2
+_MOST_TIMINGS: Final = 4096
+#: sqlite3's default busy timeout, and the backoff of the driver's own busy wait.
+_DEFAULT_BUSY_TIMEOUT: Final = 5.0
+_FIRST_PAUSE: Final = 0.0005
+_LONGEST_PAUSE: Final = 0.01
+#: SQLITE_BUSY and SQLITE_BUSY_RECOVERY; not BUSY_SNAPSHOT (517), which a wait cannot cure.
+_BUSY: Final = frozenset({5, 261})
 
 # (function, arguments, loop, future); a job without a future is not waited for.
 _Job = tuple[
@@ -120,14 +133,24 @@ class ConnectionThread:
         "_jobs",
         "_submitted",
         "_thread",
+        "busy_timeout",
         "connection",
+        "inline",
         "pending_begin",
+        "timings",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, timings: dict[str, float] | None = None) -> None:
         self.connection: sqlite3.Connection | None = None
         # A BEGIN not sent yet: it runs first in the next submitted call, same hop.
         self.pending_begin: str | None = None
+        #: Seconds a statement waits for a lock another connection holds (SQLite's
+        #: busy timeout, which the driver keeps at 0 and waits out itself: _call).
+        self.busy_timeout = _DEFAULT_BUSY_TIMEOUT
+        #: Whether calls may run on the event loop's thread (check_same_thread=False).
+        self.inline = False
+        #: How long each statement took, by its SQL (shared by an engine's connections).
+        self.timings: dict[str, float] = {} if timings is None else timings
         self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
         # Jobs submitted (by the loop) and finished (by the thread): equal when idle.
         self._submitted = 0
@@ -156,13 +179,20 @@ class ConnectionThread:
         """Queue ``fn(*args)``; the future (of the running loop) gets its outcome."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        begin = self.pending_begin
-        if begin is not None:
-            self.pending_begin = None
-            fn, args = _after_begin, (self.connection, begin, fn, args)
+        fn, args = self.with_pending_begin(fn, args)
         self._submitted += 1
         self._jobs.put((fn, args, loop, future))
         return future
+
+    def with_pending_begin(
+        self, fn: Callable[..., _T], args: tuple[Any, ...]
+    ) -> tuple[Callable[..., _T], tuple[Any, ...]]:
+        """``fn(*args)``, preceded by the pending BEGIN if there is one (then sent)."""
+        begin = self.pending_begin
+        if begin is None:
+            return fn, args
+        self.pending_begin = None
+        return _after_begin, (self.connection, begin, fn, args)
 
     def post(self, fn: Callable[..., object], *args: Any) -> None:
         """Queue ``fn(*args)`` and do not wait for it; its errors are dropped.
@@ -197,8 +227,18 @@ class ConnectionThread:
             del job, fn, args, loop, future, outcome
 
     def open(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Connect, on the thread (a ``sqlite3`` connection belongs to its thread)."""
-        self.connection = sqlite3.connect(*args, **kwargs)
+        """Connect, on the thread.
+
+        SQLite's own busy wait would block the event loop for a statement run inline:
+        it is turned off (``timeout=0``) and waited out by ``_call`` with async sleeps.
+        Calls may run inline only when the connection may be used from another thread.
+        """
+        kwargs = dict(kwargs)
+        self.busy_timeout = float(kwargs.pop("timeout", _DEFAULT_BUSY_TIMEOUT))
+        # The adapter uses the connection for one call at a time, from either thread.
+        kwargs.setdefault("check_same_thread", False)
+        self.inline = kwargs["check_same_thread"] is False
+        self.connection = cast(Any, sqlite3.connect)(*args, timeout=0, **kwargs)
 
     def close_connection(self) -> None:
         """Close the ``sqlite3`` connection, on the thread; rolls back any transaction."""
@@ -227,14 +267,89 @@ def _deliver(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
 
 
 def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
-    """Run ``fn(*args)`` on ``thread`` and wait for it in SQLAlchemy's greenlet."""
+    """Run ``fn(*args)`` for ``thread``'s connection, waiting in SQLAlchemy's greenlet.
+
+    Inline — on the event loop's thread, no hop — when the connection is idle and
+    ``fn`` is a statement (or COMMIT/ROLLBACK) that has been quick so far; otherwise on
+    the connection's thread. A statement seen for the first time runs on the thread,
+    timed there; one whose time (a moving average) exceeds ``INLINE_BUDGET`` goes back
+    to the thread, so a slow query blocks the loop at most once before it moves.
+
+    A lock held by another connection (``SQLITE_BUSY``) is waited out here with
+    ``asyncio.sleep`` backoff until ``busy_timeout``, then raised as SQLite would.
+    """
     if not in_greenlet():
         # Checked first: a job queued before await_ refused would still run.
         raise MissingGreenlet(
             "sqlite+sessionforge runs SQL on the connection's thread and must be awaited "
             "in SQLAlchemy's greenlet: use it through create_async_engine/AsyncSession"
         )
-    return util.await_(thread.submit(fn, *args))
+    fn, args = thread.with_pending_begin(fn, args)
+    deadline: float | None = None
+    pause = _FIRST_PAUSE
+    while True:
+        try:
+            return _attempt(thread, fn, args)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in _BUSY:
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + thread.busy_timeout
+            if now >= deadline:
+                raise
+            connection = thread.connection
+            if fn is _after_begin and connection is not None and connection.in_transaction:
+                fn, args = args[2], args[3]  # the BEGIN went through: not again
+            util.await_(asyncio.sleep(min(pause, deadline - now)))
+            pause = min(pause * 2, _LONGEST_PAUSE)
+
+
+def _attempt(thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
+    key = _timing_key(fn, args)
+    if key is None:
+        return util.await_(thread.submit(fn, *args))
+    timings = thread.timings
+    known = timings.get(key)
+    if known is not None and known <= INLINE_BUDGET and thread.inline and thread.idle:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            timings[key] = known + (time.perf_counter() - started - known) * _SMOOTHING
+    outcome, elapsed = util.await_(thread.submit(_timed, fn, args))
+    if len(timings) >= _MOST_TIMINGS:
+        timings.clear()  # literal SQL without parameters: do not grow without end
+    timings[key] = elapsed if known is None else known + (elapsed - known) * _SMOOTHING
+    return cast(_T, outcome)
+
+
+def _timing_key(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
+    """The SQL a call runs, when it may run inline; ``None`` for the thread only.
+
+    Statements and COMMIT/ROLLBACK may; so may a pending BEGIN before them. Not: an
+    ``executemany`` outside a transaction (each row its own transaction: a busy wait
+    in the middle could not be re-run), server-side cursors, connect and close.
+    """
+    if fn is _after_begin:
+        fn, args = args[2], args[3]
+    if fn is _execute:
+        connection, operation, _parameters, many = args
+        if many and not connection.in_transaction:
+            return None
+        return cast(str, operation)
+    name = getattr(fn, "__name__", None)
+    if name in ("commit", "rollback") and isinstance(
+        getattr(fn, "__self__", None), sqlite3.Connection
+    ):
+        return str(name).upper()
+    return None
+
+
+def _timed(fn: Callable[..., _T], args: tuple[Any, ...]) -> tuple[_T, float]:
+    started = time.perf_counter()
+    outcome = fn(*args)
+    return outcome, time.perf_counter() - started
 
 
 # --- work done on the connection's thread ---------------------------------------------
@@ -246,6 +361,12 @@ _BEGIN: Final = re.compile(
     r"\s*BEGIN(?:\s+(?:DEFERRED|IMMEDIATE|EXCLUSIVE))?(?:\s+TRANSACTION)?\s*;?\s*", re.I
 )
 _LONGEST_BEGIN: Final = 64
+_BUSY_TIMEOUT_PRAGMA: Final = re.compile(
+    r"\s*PRAGMA\s+(?:main\.)?busy_timeout\s*(?:=\s*(?P<value>-?\d+)|\(\s*(?P<call>-?\d+)\s*\))?"
+    r"\s*;?\s*",
+    re.I,
+)
+_LONGEST_PRAGMA: Final = 64
 
 
 def _execute(
@@ -321,6 +442,8 @@ class AsyncAdapt_sessionforge_cursor(SoftClosingCursor):
 
     def _run(self, operation: str, parameters: Any, *, many: bool) -> None:
         adapt = self._adapt_connection
+        if not many and not parameters and adapt._busy_timeout_pragma(operation, self):
+            return
         if not many and not parameters and adapt._defer_begin(operation):
             self.description, self.rowcount, self.lastrowid = None, -1, None
             self._rows.clear()
@@ -440,6 +563,27 @@ class AsyncAdapt_sessionforge_connection(AdaptedConnection):
     def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return _call(self._thread, fn, *args)
 
+    def _busy_timeout_pragma(self, operation: str, cursor: AsyncAdapt_sessionforge_cursor) -> bool:
+        """Answer ``PRAGMA busy_timeout [= ms]`` from the driver's own busy wait.
+
+        SQLite's busy timeout stays 0 (a statement run on the event loop's thread must
+        not sleep there); the value is the driver's, and the answer is SQLite's: one
+        row with the timeout in milliseconds.
+        """
+        if len(operation) > _LONGEST_PRAGMA:
+            return False
+        found = _BUSY_TIMEOUT_PRAGMA.fullmatch(operation)
+        if found is None:
+            return False
+        value = found["value"] or found["call"]
+        if value is not None:
+            self._thread.busy_timeout = max(int(value), 0) / 1000
+        cursor.description = (("timeout", None, None, None, None, None, None),)
+        cursor.rowcount, cursor.lastrowid = -1, None
+        cursor._rows = collections.deque([(round(self._thread.busy_timeout * 1000),)])
+        util.await_(_NOTHING)  # AsyncConnection.execute() wants an await (see _run)
+        return True
+
     def _defer_begin(self, operation: str) -> bool:
         """Keep a BEGIN to send with the next statement, saving it a hop of its own.
 
@@ -530,6 +674,8 @@ class AsyncAdapt_sessionforge_dbapi:
     paramstyle = "qmark"
 
     def __init__(self) -> None:
+        # Statement timings shared by the connections of one engine (see _call).
+        self._timings: dict[str, float] = {}
         for name in (
             "DatabaseError",
             "DataError",
@@ -555,7 +701,7 @@ class AsyncAdapt_sessionforge_dbapi:
                 "sqlite+sessionforge opens its own connections; use create_async_engine "
                 "without async_creator, or sqlite+aiosqlite with it"
             )
-        thread = ConnectionThread()
+        thread = ConnectionThread(self._timings)
         try:
             _call(thread, thread.open, args, kwargs)
         except BaseException:
