@@ -11,6 +11,7 @@ import asyncio
 import gc
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,141 @@ async def test_empty_transaction_sends_nothing(engine: AsyncEngine) -> None:
         assert raw.dbapi_connection.in_transaction  # as far as anyone can tell
         await connection.commit()
         assert not await thread.run(lambda c: c.in_transaction)
+
+
+# --- inline statements and the driver's busy wait ----------------------------------
+
+
+def _install_functions(engine: AsyncEngine) -> None:
+    """``whereami()``: the thread running the statement; ``slow_whereami()`` too, 3 ms later."""
+
+    def slow_whereami() -> int:
+        time.sleep(0.003)
+        return threading.get_ident()
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def add_functions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("whereami", 0, threading.get_ident)
+        dbapi_connection.create_function("slow_whereami", 0, slow_whereami)
+
+
+async def test_quick_statements_run_inline_once_timed_and_slow_ones_on_the_thread(
+    engine: AsyncEngine,
+) -> None:
+    """The first run of a statement is on the connection's thread, timed there; a quick
+    one then runs on the event loop's thread (no hop), a slow one stays on the thread."""
+    _install_functions(engine)
+    loop_thread = threading.get_ident()
+    async with engine.connect() as connection:
+        quick = [await connection.scalar(text("SELECT whereami()")) for _ in range(3)]
+        slow = [await connection.scalar(text("SELECT slow_whereami()")) for _ in range(3)]
+        raw = await connection.get_raw_connection()
+        assert isinstance(raw.driver_connection, ConnectionThread)
+        driver_thread = await raw.driver_connection.run(lambda c: threading.get_ident())
+    assert driver_thread != loop_thread
+    assert quick == [driver_thread, loop_thread, loop_thread]
+    assert slow == [driver_thread] * 3
+
+
+async def test_a_statement_that_turns_slow_goes_back_to_the_thread(engine: AsyncEngine) -> None:
+    delay = {"seconds": 0.0}
+
+    def sometimes_slow() -> int:
+        time.sleep(delay["seconds"])
+        return threading.get_ident()
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def add_function(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("sometimes_slow", 0, sometimes_slow)
+
+    loop_thread = threading.get_ident()
+    async with engine.connect() as connection:
+        statement = text("SELECT sometimes_slow()")
+        assert await connection.scalar(statement) != loop_thread  # timed on the thread
+        assert await connection.scalar(statement) == loop_thread
+        delay["seconds"] = 0.01  # now slow: one run blocks the loop, then the thread again
+        assert await connection.scalar(statement) == loop_thread
+        assert await connection.scalar(statement) != loop_thread
+
+
+async def test_a_lock_held_elsewhere_is_waited_out_without_blocking_the_loop(
+    file_url: str, models: Models
+) -> None:
+    db: SessionFactory[Any] = SessionFactory(file_url)
+    try:
+        async with db.engine.begin() as connection:
+            await connection.run_sync(models.metadata.create_all)
+        async with db.begin() as session:  # the BEGIN and INSERT are timed: inline next
+            session.add(models.Item(name="first"))
+        holder = create_engine(db.config.sync_url, poolclass=NullPool)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        async def writer() -> None:
+            async with db.begin() as session:
+                session.add(models.Item(name="waited"))
+
+        with holder.connect() as locked:
+            locked.exec_driver_sql("BEGIN IMMEDIATE")
+            ticking = asyncio.create_task(ticker())
+            writing = asyncio.create_task(writer())
+            await asyncio.sleep(0.3)
+            assert not writing.done()  # waiting for the lock...
+            assert ticks >= 20  # ...while the loop runs other tasks
+            locked.rollback()
+        holder.dispose()
+        await asyncio.wait_for(writing, timeout=5)
+        ticking.cancel()
+        async with db() as session:
+            names = (
+                await session.scalars(select(models.Item.name).order_by(models.Item.id))
+            ).all()
+        assert names == ["first", "waited"]
+    finally:
+        await db.dispose()
+
+
+async def test_the_busy_timeout_bounds_the_wait(file_url: str, models: Models) -> None:
+    db: SessionFactory[Any] = SessionFactory(file_url, sqlite_busy_timeout=0.3)
+    try:
+        async with db.engine.begin() as connection:
+            await connection.run_sync(models.metadata.create_all)
+        holder = create_engine(db.config.sync_url, poolclass=NullPool)
+        with holder.connect() as locked:
+            locked.exec_driver_sql("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            with pytest.raises(exc.OperationalError, match="database is locked"):
+                async with db.begin() as session:
+                    session.add(models.Item(name="blocked"))
+            waited = time.monotonic() - started
+            locked.rollback()
+        holder.dispose()
+        assert 0.3 <= waited < 3
+        assert db.status().checked_out == 0
+    finally:
+        await db.dispose()
+
+
+async def test_pragma_busy_timeout_is_the_drivers(file_url: str) -> None:
+    """SQLite's own busy timeout stays 0; the pragma reads and sets the driver's wait."""
+    db: SessionFactory[Any] = SessionFactory(file_url, sqlite_busy_timeout=2.5)
+    try:
+        async with db.engine.connect() as connection:
+            assert await connection.scalar(text("PRAGMA busy_timeout")) == 2500
+            assert await connection.scalar(text("PRAGMA busy_timeout = 1234")) == 1234
+            assert await connection.scalar(text("pragma main.busy_timeout")) == 1234
+            raw = await connection.get_raw_connection()
+            thread = raw.driver_connection
+            assert isinstance(thread, ConnectionThread)
+            assert thread.busy_timeout == 1.234
+            assert await thread.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()) == (0,)
+    finally:
+        await db.dispose()
 
 
 # --- cancellation and threads -----------------------------------------------------

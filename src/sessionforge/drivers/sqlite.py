@@ -317,6 +317,9 @@ def _attempt(thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, .
             return fn(*args)
         finally:
             timings[key] = known + (time.perf_counter() - started - known) * _SMOOTHING
+            # AsyncConnection.execute() refuses a statement that awaited nothing
+            # (AwaitRequired, its test for sync drivers): a no-op await, no loop turn.
+            util.await_(_NOTHING)
     outcome, elapsed = util.await_(thread.submit(_timed, fn, args))
     if len(timings) >= _MOST_TIMINGS:
         timings.clear()  # literal SQL without parameters: do not grow without end
