@@ -37,8 +37,9 @@ import itertools
 import random
 import sys
 import weakref
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,66 @@ def write_contenders(primary: str, replicas: list[str], stack: AsyncExitStack, p
     ]
 
 
+#: The issue 16 targets: (part, contender, versus, minimum, label).
+TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
+    (
+        "read",
+        "reader() on a replica",
+        "reader() on the primary",
+        0.95,
+        "Replicas: reader() on a caught-up replica >= 0.95x reader() on the primary",
+    ),
+    (
+        "write",
+        "read-your-writes on",
+        "read-your-writes off",
+        0.9,
+        "Replicas: a write with read-your-writes on >= 0.9x off",
+    ),
+)
+
+
+async def measure_part(cluster: Any, part: str, params: Params) -> harness.Report:
+    """One part (``read`` or ``write``) on a running cluster, table made and dropped."""
+    primary, replicas = cluster.primary.url, [r.url for r in cluster.replicas]
+    baseline = READ_BASELINE if part == "read" else WRITE_BASELINE
+    make = read_contenders if part == "read" else write_contenders
+    async with AsyncExitStack() as stack:
+        engine = create_async_engine(primary)
+        stack.push_async_callback(engine.dispose)
+        await create_table(engine)
+        stack.push_async_callback(drop_table, engine)
+        cluster.wait_caught_up()
+        chosen = make(primary, replicas, stack, params.pool_size)
+        return await harness.run(f"{SCENARIO}-{part}", chosen, baseline, params)
+
+
+def cluster_builder() -> Any:
+    """``tests/pgcluster.replicated_postgres``: the project's topology builder."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.pgcluster import replicated_postgres
+
+    return replicated_postgres
+
+
+class ClusterUnavailable(RuntimeError):
+    """Raised when the replicated cluster cannot be built here (no PostgreSQL binaries,
+    no ``postgres`` OS user, ...): the suite then skips this scenario, with the reason."""
+
+
+def measure(params: Params, parts: Sequence[str] = ("read", "write")) -> list[harness.Report]:
+    """Build a primary and two replicas, measure each part, stop the cluster."""
+    with ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(cluster_builder()(replicas=2))
+        except Exception as exc:
+            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        point = replace(params, url=cluster.primary.url)
+        return [asyncio.run(measure_part(cluster, part, point)) for part in parts]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--part", choices=("read", "write"), default="read")
@@ -158,36 +219,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pool-size", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.pgcluster import replicated_postgres  # the project's topology builder
-
-    with replicated_postgres(replicas=2) as cluster:
-        primary, replicas = cluster.primary.url, [r.url for r in cluster.replicas]
-        params = Params(
-            url=primary,
-            rounds=args.rounds,
-            seconds=args.seconds,
-            tasks=args.tasks,
-            pool_size=args.pool_size,
-        )
-        baseline = READ_BASELINE if args.part == "read" else WRITE_BASELINE
-        make = read_contenders if args.part == "read" else write_contenders
-
-        @asynccontextmanager
-        async def contenders(_params: Params) -> AsyncIterator[Sequence[Contender]]:
-            async with AsyncExitStack() as stack:
-                engine = create_async_engine(primary)
-                stack.push_async_callback(engine.dispose)
-                await create_table(engine)
-                stack.push_async_callback(drop_table, engine)
-                cluster.wait_caught_up()
-                yield make(primary, replicas, stack, args.pool_size)
-
-        async def go() -> harness.Report:
-            async with contenders(params) as chosen:
-                return await harness.run(f"{SCENARIO}-{args.part}", chosen, baseline, params)
-
-        report = asyncio.run(go())
+    params = Params(
+        url="postgresql+asyncpg://",  # replaced by the cluster's primary
+        rounds=args.rounds,
+        seconds=args.seconds,
+        tasks=args.tasks,
+        pool_size=args.pool_size,
+    )
+    [report] = measure(params, [args.part])
     print(harness.format_table(report))
     print(f"results: {harness.write_json(report, args.json)}")
 

@@ -57,6 +57,7 @@ from . import (
     bench_liveness,
     bench_memory,
     bench_read,
+    bench_replicas,
     bench_scaling,
     bench_sqlite,
     bench_write,
@@ -268,6 +269,10 @@ TARGETS: tuple[Target, ...] = (
         "PostgreSQL: ping_after >= 1.15x pool_pre_ping on a busy pool (round one)",
         POSTGRESQL,
     ),
+    *(
+        Target(f"replicas-{part}", contender, versus, minimum, label, POSTGRESQL)
+        for part, contender, versus, minimum, label in bench_replicas.TARGETS
+    ),
     Target(
         "factory",
         "sessionforge",
@@ -285,8 +290,16 @@ QUICK = {"rounds": 1, "seconds": 0.3, "warmup": 0.1}
 #: Measurements that are not harness scenarios, run after them (in this order): the
 #: deterministic counts, the memory per session, and the scaling grid (its own rounds:
 #: bench_scaling.FULL / QUICK). Named in --scenarios like the scenarios.
-EXTRAS: tuple[str, ...] = ("calls", "memory", "scaling")
-EXTRA_BACKENDS = frozenset({"postgresql", "sqlite"})
+EXTRAS: tuple[str, ...] = ("calls", "memory", "scaling", "replicas")
+EXTRA_BACKENDS: dict[str, frozenset[str]] = {
+    "calls": frozenset({"postgresql", "sqlite"}),
+    "memory": frozenset({"postgresql", "sqlite"}),
+    "scaling": frozenset({"postgresql", "sqlite"}),
+    # A primary and two replicas built on loopback (bench_replicas), whatever --url is.
+    "replicas": POSTGRESQL,
+}
+REPLICAS_FULL = {"rounds": 3, "seconds": 0.8, "warmup": 0.25}
+REPLICAS_QUICK = {"rounds": 1, "seconds": 0.2, "warmup": 0.05}
 CALLS_OPS = {"full": (300, 30), "quick": (20, 5)}  # (counted ops, warm-up ops)
 
 
@@ -505,6 +518,28 @@ def run_extras(
                 measured[name] = bench_memory.document(params.url, factory_url, states, repeats)
                 table = bench_memory.format_table(measured[name])
                 title = "bytes per open session"
+            elif name == "replicas":
+                timing = REPLICAS_QUICK if quick else REPLICAS_FULL
+                point = Params(
+                    url=params.url,
+                    rounds=int(timing["rounds"]),
+                    seconds=timing["seconds"],
+                    warmup=timing["warmup"],
+                    tasks=8,
+                    pool_size=8,
+                )
+                harness.progress("replicas: building a primary and two replicas ...")
+                try:
+                    parts = bench_replicas.measure(point)
+                except bench_replicas.ClusterUnavailable as exc:
+                    harness.progress("")
+                    print(f"\nreplicas: skipped, no replicated cluster could be built: {exc}")
+                    continue
+                measured.setdefault("reports", []).extend(parts)
+                table = "\n\n".join(harness.format_table(r) for r in parts)
+                for report in parts:
+                    table += "\n" + "\n".join(extra_lines(report))
+                title = "reads on replicas, read-your-writes"
             else:
                 preset = bench_scaling.QUICK if quick else bench_scaling.FULL
                 point = Params(
@@ -730,8 +765,14 @@ def suite_document(
     }
 
 
+EXTRA_TITLES = {
+    "replicas-read": "reader() on a replica and on the primary",
+    "replicas-write": "a write, then a read of it (read-your-writes)",
+}
+
+
 def title_of(name: str) -> str:
-    return next((s.title for s in SCENARIOS if s.name == name), name)
+    return next((s.title for s in SCENARIOS if s.name == name), EXTRA_TITLES.get(name, name))
 
 
 def write_chart(document: dict[str, Any], path: Path) -> bool:
@@ -913,14 +954,12 @@ def markdown(documents: Sequence[dict[str, Any]]) -> str:
 
 #: Targets of the issue that the suite does not measure, and how to measure them.
 UNMEASURED: dict[str, tuple[str, ...]] = {
-    "postgres": (
-        "Replicas: reader() on a caught-up replica >= 0.95x reader() on the primary",
-        "Replicas: a write with read-your-writes on >= 0.9x off",
-    ),
+    "postgres": tuple(label for *_, label in bench_replicas.TARGETS),
 }
 UNMEASURED_HOW = (
-    "not measured by `make bench` (needs a replicated cluster): "
-    "`python -m benchmarks.bench_replicas --part read` / `--part write`"
+    "not measured in this run (the replicated cluster could not be built, or `replicas` "
+    "was not among --scenarios): `python -m benchmarks.bench_replicas --part read` / "
+    "`--part write`"
 )
 
 
@@ -943,7 +982,10 @@ def target_table(doc: dict[str, Any]) -> list[str]:
             f"| {t['label']} | {t['ratio']:.3f} ({t['ratio_min']:.2f}..{t['ratio_max']:.2f})"
             f" | {verdict} | {calls} | {hops} |"
         )
+    measured = {t["label"] for t in doc["targets"]}
     for label in UNMEASURED.get(doc["backend"], ()):
+        if label in measured:
+            continue
         lines.append(f"| {label} | - | {UNMEASURED_HOW} | - | - |")
     lines += [
         "",
@@ -1082,9 +1124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = [s.name for s in chosen if backend not in s.backends]
         chosen = [s for s in chosen if backend in s.backends]
         extras = [name for name in EXTRAS if name in args.scenarios]
-        if backend not in EXTRA_BACKENDS:
-            skipped += extras
-            extras = []
+        skipped += [name for name in extras if backend not in EXTRA_BACKENDS[name]]
+        extras = [name for name in extras if backend in EXTRA_BACKENDS[name]]
         if skipped:
             print(f"not for {backend}: {', '.join(skipped)}")
         params = Params(
@@ -1103,6 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports, failures = asyncio.run(run_all(chosen, params))
         grid = (args.scaling_tasks, args.scaling_pools)
         measured = run_extras(extras, params, server, args.quick, grid, failures)
+        reports += measured.pop("reports", [])
         document = suite_document(
             reports,
             failures,
