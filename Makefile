@@ -29,9 +29,12 @@ test: $(STAMP)
 
 # `make bench`: the suite on a temporary SQLite file, then on PostgreSQL and on MariaDB
 # when reachable ($SESSIONFORGE_BENCH_URL / $SESSIONFORGE_BENCH_MARIADB_URL, defaults
-# below; MariaDB runs the scenarios written for it, so far `factory`); each writes
-# docs/benchmarks/suite-*.png and results.md. About 5 minutes on 2 cores.
-# BENCH_ARGS=--quick for a one-minute smoke run.
+# below; MariaDB runs the scenarios written for it, so far `factory`). Each run also
+# measures the deterministic counts (calls and thread hops per operation), the memory
+# per open session and the scaling grid (1-200 tasks x pools 5/20); the PostgreSQL run
+# adds the replicas scenario on a primary and two replicas it builds. Each writes
+# docs/benchmarks/suite-*.png, scaling.png and results.md (the targets, met or not).
+# About 9 minutes on 2 cores. BENCH_ARGS=--quick for a smoke run (about a minute).
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_URL ?= $(or $(SESSIONFORGE_BENCH_URL),postgresql+asyncpg://postgres@127.0.0.1:5432/test)
 BENCH_MARIADB_URL ?= $(or $(SESSIONFORGE_BENCH_MARIADB_URL),mysql+aiomysql://root@127.0.0.1:3306/test)
