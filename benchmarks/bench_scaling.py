@@ -211,14 +211,14 @@ def write_chart(documents: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.set_xlabel("concurrent tasks")
         ax.set_ylabel("sessionforge / bare async_sessionmaker")
         server = doc["machine"].get("server") or doc["params"]["url"].split(":")[0]
-        ax.set_title(f"{server}", fontsize=9)
+        commit = (doc["machine"].get("git") or {}).get("commit", "?")[:12]
+        ax.set_title(f"{server}\n{doc['created'][:16]} UTC, commit {commit}", fontsize=8)
         ax.legend(fontsize=7)
-    first = documents[0]
-    git = (first["machine"].get("git") or {}).get("commit", "?")[:12]
+    machine = documents[0]["machine"]
     fig.suptitle(
-        f"begin + one read, ratio to bare async_sessionmaker (median of rounds, min..max) — "
-        f"{first['created'][:10]}, {first['machine'].get('cpu_model') or 'unknown CPU'}, "
-        f"{first['machine']['cpu_count']} CPUs, commit {git}",
+        "begin + one read, sessionforge / bare async_sessionmaker (median of per-round "
+        f"ratios, min..max); {machine.get('cpu_model') or 'unknown CPU'}, "
+        f"{machine['cpu_count']} CPUs",
         fontsize=8,
     )
     fig.tight_layout()

@@ -20,7 +20,13 @@ aiosqlite / asyncpg / aiomysql). On MariaDB/MySQL only the scenarios whose
 The chart needs matplotlib (``pip install 'sessionforge[bench]'``); without it the
 suite says so and still writes the JSON and the tables.
 
-Run: ``python -m benchmarks.suite`` (about 2.5 minutes on SQLite, 2 on PostgreSQL on
+After the scenarios come the measurements of ``EXTRAS`` (SQLite and PostgreSQL): the
+deterministic counts (``bench_calls``: Python calls and SQLite thread hops per
+operation), the memory per open session (``bench_memory``), the scaling grid
+(``bench_scaling``, charted in ``docs/benchmarks/scaling.png``) and, on PostgreSQL,
+``replicas`` on a cluster it builds. ``TARGETS`` are issue 16's, per backend.
+
+Run: ``python -m benchmarks.suite`` (about 4.5 minutes on SQLite, 4 on PostgreSQL on
 a 2-core machine), ``python -m benchmarks.suite --quick`` (about half a minute).
 """
 
