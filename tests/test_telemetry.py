@@ -570,12 +570,18 @@ async def test_the_readme_telemetry_block_runs(
     )
 
 
-def test_the_instrumentor_run_before_sessionforge_traces_every_engine(tmp_path: Path) -> None:
-    """docs/telemetry.md's recipe: engines of later event loops and the sync twin too."""
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_the_instrumentor_traces_every_engine_whenever_sessionforge_was_imported(
+    tmp_path: Path, when: str
+) -> None:
+    """docs/telemetry.md's recipe: engines of later event loops and the sync twin too,
+    with the instrumentor installed before sessionforge is imported or after."""
+    early = "import sessionforge" if when == "after" else ""
     done = run_python(
         textwrap.dedent(
             f"""
             import asyncio
+            {early}
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import SimpleSpanProcessor

@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import create_engine, event
+import sqlalchemy
+import sqlalchemy.ext.asyncio
+from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from sessionforge import dialects
@@ -94,7 +96,9 @@ def build_async_engine(config: FactoryConfig) -> AsyncEngine:
     url = config.async_url
     kwargs = engine_kwargs(config, url, is_async=True)
     try:
-        engine = create_async_engine(url, **kwargs)
+        # Looked up at each call, not imported: an instrumentation that wraps SQLAlchemy's
+        # functions (OpenTelemetry's) reaches our engines whenever it was installed.
+        engine = sqlalchemy.ext.asyncio.create_async_engine(url, **kwargs)
     except (ArgumentError, TypeError) as exc:
         raise _engine_error(url, exc) from None  # its text may hold the password
     _prepare(engine.sync_engine, config)
@@ -108,7 +112,7 @@ def build_sync_engine(config: FactoryConfig) -> Engine:
     check_sync_password(config.password)
     kwargs = engine_kwargs(config, url, is_async=False)
     try:
-        engine = create_engine(url, **kwargs)
+        engine = sqlalchemy.create_engine(url, **kwargs)  # (at the call: see above)
     except (ArgumentError, TypeError) as exc:
         raise _engine_error(url, exc) from None  # its text may hold the password
     _prepare(engine, config)
