@@ -1,6 +1,7 @@
 """sqlite+sessionforge, the driver of drivers/sqlite.py, on a SQLite file and in memory.
 
-The whole suite runs on this driver with SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge;
+The default driver of sqlite:// URLs: the whole suite runs on it (and, with
+SESSIONFORGE_TEST_SQLITE_DRIVER=aiosqlite, on aiosqlite);
 these tests cover what is the driver's own: DBAPI results, errors, streaming, the
 deferred BEGIN, cancellation, and its threads.
 """
@@ -102,8 +103,13 @@ def test_known_driver_with_pysqlite_twin() -> None:
     assert any(d.dialect == "sqlite" and d.driver == "sessionforge" for d in known_drivers())
 
 
-def test_default_sqlite_driver_is_still_aiosqlite() -> None:
-    assert FactoryConfig.from_url("sqlite:///app.db").bound_url.drivername == "sqlite+aiosqlite"
+def test_the_driver_is_the_default_and_aiosqlite_stays_selectable() -> None:
+    assert FactoryConfig.from_url("sqlite:///app.db").bound_url.drivername == "sqlite+sessionforge"
+    given = FactoryConfig.from_url("sqlite+aiosqlite:///app.db")
+    assert (given.bound_url.drivername, given.sync_url.drivername) == (
+        "sqlite+aiosqlite",
+        "sqlite+pysqlite",
+    )
 
 
 async def test_sync_twin_sees_the_async_writes(db: SessionFactory[Any], models: Models) -> None:
@@ -381,6 +387,38 @@ async def test_a_lock_held_elsewhere_is_waited_out_without_blocking_the_loop(
         assert names == ["first", "waited"]
     finally:
         await db.dispose()
+
+
+async def test_an_executemany_outside_a_transaction_waits_on_its_thread(
+    file_url: str, models: Models
+) -> None:
+    """Each row commits on its own there, so it is never re-run after a busy lock: it
+    waits as SQLite does, on the connection's thread, and every row is written once."""
+    engine = create_async_engine(file_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(models.metadata.create_all)
+        holder = create_engine(f"sqlite:///{file_url.partition(':///')[2]}", poolclass=NullPool)
+        table = models.Item.__table__.name
+
+        async def write_rows() -> None:
+            async with engine.connect() as connection:
+                await connection.exec_driver_sql(
+                    f"INSERT INTO {table} (name) VALUES (?)", [(f"row {i}",) for i in range(5)]
+                )
+
+        with holder.connect() as locked:
+            locked.exec_driver_sql("BEGIN IMMEDIATE")
+            writing = asyncio.create_task(write_rows())
+            await asyncio.sleep(0.3)
+            assert not writing.done()
+            locked.rollback()
+        holder.dispose()
+        await asyncio.wait_for(writing, timeout=5)
+        async with engine.connect() as connection:
+            assert await connection.scalar(text(f"SELECT count(*) FROM {table}")) == 5
+    finally:
+        await engine.dispose()
 
 
 async def test_the_busy_timeout_bounds_the_wait(file_url: str, models: Models) -> None:

@@ -1,4 +1,5 @@
-"""sessionforge's async SQLite driver, ``sqlite+sessionforge://``: one thread hop per statement.
+"""sessionforge's async SQLite driver, the default of ``sqlite://``: at most one thread hop
+per statement, none for a quick one.
 
 SQLAlchemy 2.1's aiosqlite adaptation awaits a thread hop for each step of a statement
 (make the cursor, execute, fetch, close): eight hops for ``BEGIN``/``INSERT``/``COMMIT``
@@ -7,6 +8,13 @@ and the pool's reset. Here each connection owns one thread that alone uses its
 
 * a statement is executed, its rows fetched and its cursor closed in **one** hop;
   cursors on our side are plain objects, made and closed without a hop;
+* a statement that has been quick so far (a moving average under ``INLINE_BUDGET``,
+  0.5 ms), and COMMIT/ROLLBACK, run **inline**, on the event loop's thread, when the
+  connection is idle: no hop at all. Its first run is on the connection's thread, timed
+  there; one that turns slow goes back there after blocking the loop once. Waiting for
+  a lock is never done on the loop's thread: SQLite's busy timeout is 0, and the
+  driver waits out ``SQLITE_BUSY`` itself with ``asyncio.sleep`` backoff up to the
+  connection's busy timeout (``PRAGMA busy_timeout`` reads and sets that wait);
 * ``COMMIT`` and ``ROLLBACK`` are one hop each, and none when no transaction is open
   (the pool's reset-on-return after a COMMIT is free);
 * ``stream()`` / ``stream_results`` get a real server-side cursor: one hop per
@@ -32,8 +40,10 @@ wait for the thread with ``sqlalchemy.util.await_``; the connection subclasses
 the server-side cursor, the cursors' ``_async_soft_close``) are functions of
 ``sessionforge._internal.sqla``, sections 11-13.
 
-``tests/test_sqlite_driver.py`` exercises each; run the whole suite on this driver with
-``SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge``.
+``tests/test_sqlite_driver.py`` exercises each, and every SQLite case of the suite runs
+on this driver (``SESSIONFORGE_TEST_SQLITE_DRIVER=aiosqlite`` runs them on aiosqlite).
+``benchmarks/bench_loop_latency.py`` measures what inline statements cost the loop's
+other tasks.
 """
 
 from __future__ import annotations
@@ -276,7 +286,11 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
     to the thread, so a slow query blocks the loop at most once before it moves.
 
     A lock held by another connection (``SQLITE_BUSY``) is waited out here with
-    ``asyncio.sleep`` backoff until ``busy_timeout``, then raised as SQLite would.
+    ``asyncio.sleep`` backoff until ``busy_timeout``, then raised as SQLite would: a
+    statement that got ``SQLITE_BUSY`` did nothing, and is run again. A call that could
+    have done part of its work (an ``executemany`` outside a transaction commits row by
+    row; a fetch from a server-side cursor) is not: it waits as SQLite does, on the
+    connection's thread, with SQLite's busy timeout set for it.
     """
     if not in_greenlet():
         # Checked first: a job queued before await_ refused would still run.
@@ -285,6 +299,8 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
             "in SQLAlchemy's greenlet: use it through create_async_engine/AsyncSession"
         )
     fn, args = thread.with_pending_begin(fn, args)
+    if _timing_key(fn, args) is None and fn not in _RERUNNABLE:
+        return cast(_T, util.await_(thread.submit(_with_busy_timeout, thread, fn, args)))
     deadline: float | None = None
     pause = _FIRST_PAUSE
     while True:
@@ -347,6 +363,21 @@ def _timing_key(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
     ):
         return str(name).upper()
     return None
+
+
+def _with_busy_timeout(
+    thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, ...]
+) -> _T:
+    """``fn(*args)`` with SQLite's own busy wait (on the connection's thread)."""
+    connection = thread.connection
+    if connection is None:
+        return fn(*args)
+    connection.execute(f"PRAGMA busy_timeout = {round(thread.busy_timeout * 1000)}").close()
+    try:
+        return fn(*args)
+    finally:
+        if thread.connection is not None:
+            connection.execute("PRAGMA busy_timeout = 0").close()
 
 
 def _timed(fn: Callable[..., _T], args: tuple[Any, ...]) -> tuple[_T, float]:
@@ -418,6 +449,11 @@ def _after_begin(
 def _set_isolation_level(connection: sqlite3.Connection, value: str | None) -> None:
     # typeshed allows only None/DEFERRED/IMMEDIATE/EXCLUSIVE; SQLAlchemy also sets "".
     cast(Any, connection).isolation_level = value
+
+
+#: Calls run again after ``SQLITE_BUSY`` besides the statements ``_timing_key`` names:
+#: an execute that failed at its first step did nothing.
+_RERUNNABLE: Final = frozenset({_open_cursor, _set_isolation_level})
 
 
 # --- the DBAPI adapter ---------------------------------------------------------------
