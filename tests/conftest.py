@@ -122,7 +122,8 @@ def apply_backend_marks(request: pytest.FixtureRequest, name: str) -> None:
             request.applymarker(xfail)
 
 
-# SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge runs the SQLite cases on sqlite+sessionforge.
+# sqlite:// is sessionforge's own driver; SESSIONFORGE_TEST_SQLITE_DRIVER=aiosqlite runs the SQLite
+# cases on aiosqlite instead (.ci/run runs a part of the suite that way).
 SQLITE_DRIVER = os.environ.get("SESSIONFORGE_TEST_SQLITE_DRIVER", "")
 SQLITE_SCHEME = f"sqlite+{SQLITE_DRIVER}" if SQLITE_DRIVER else "sqlite"
 

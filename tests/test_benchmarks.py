@@ -133,13 +133,20 @@ def test_calls_and_thread_hops_are_counted_for_every_contender(tmp_path: Path) -
         "sessionforge begin() + insert",
         "bare begin() + insert",
     }
-    for count in counts.values():
+    for name, count in counts.items():
         assert count["calls_per_op"] > 100  # an ORM transaction is hundreds of calls
-        # On SQLite every operation reaches a driver thread at least once (its SELECT
-        # or INSERT), and hops are whole numbers per operation here: a warm, one-task
-        # loop repeats the same steps.
-        assert count["hops_per_op"] >= 1
         assert count["hops_per_op"] == sum(count["hops_by_kind"].values())
+        if not name.startswith("sessionforge"):
+            # On aiosqlite every operation reaches the driver's thread (its SELECT or
+            # INSERT at least), a whole number of times: a warm one-task loop repeats.
+            assert count["hops_per_op"] >= 1
+    # sessionforge's default driver runs a warm loop's quick statements inline: fewer
+    # hops than aiosqlite's (none, unless the machine is slow enough to time them out).
+    for ours, bare in [
+        ("sessionforge begin()", "bare async_sessionmaker.begin()"),
+        ("sessionforge begin() + insert", "bare begin() + insert"),
+    ]:
+        assert counts[ours]["hops_per_op"] < counts[bare]["hops_per_op"]
     assert counts["bare async_sessionmaker.begin()"]["hops_by_kind"].keys() == {"aiosqlite"}
     assert document["factory_url"].startswith("sqlite:///")
     assert document["url"].startswith("sqlite+aiosqlite:///")
@@ -221,7 +228,7 @@ def test_suite_runs_counts_memory_and_scaling_into_results(tmp_path: Path) -> No
     assert set(targets) == {"scaling", "memory"}
     # The scaling target shows the deterministic counts of the same operation beside it.
     assert targets["scaling"]["counts"]["calls_ratio"] > 0
-    assert targets["scaling"]["counts"]["hops_per_op"] >= 1
+    assert targets["scaling"]["counts"]["hops_per_op"] >= 0  # reported (0 when all inline)
     results = (tmp_path / "out" / "results.md").read_text()
     for heading in (
         "### Deterministic counts",

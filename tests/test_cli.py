@@ -92,9 +92,9 @@ def test_check_sqlite_file_describes_it(
     assert main(["check", existing_sqlite_url(tmp_path / "check.db")]) == 0
 
     out = capsys.readouterr().out
-    assert f"url:      sqlite+aiosqlite:///{tmp_path / 'check.db'} (command line)" in out
+    assert f"url:      sqlite+sessionforge:///{tmp_path / 'check.db'} (command line)" in out
     assert "dialect:  sqlite\n" in out
-    assert "driver:   aiosqlite\n" in out
+    assert "driver:   sessionforge\n" in out
     assert "server:   sqlite 3." in out
     assert "begin=immediate" in out
     assert "journal_mode=WAL" in out
@@ -110,20 +110,20 @@ def test_check_defaults_to_the_embedded_sqlite_file(
 
     assert main(["check"]) == 0
 
-    assert "sqlite+aiosqlite:///sessionforge.db (embedded default)" in capsys.readouterr().out
+    assert "sqlite+sessionforge:///sessionforge.db (embedded default)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     ("args", "env", "shown"),
     [
         pytest.param(
-            [], None, "sqlite+aiosqlite:///sessionforge.db (embedded default)", id="default"
+            [], None, "sqlite+sessionforge:///sessionforge.db (embedded default)", id="default"
         ),
         pytest.param(
-            ["sqlite:///new.db"], None, "sqlite+aiosqlite:///new.db (command line)", id="url"
+            ["sqlite:///new.db"], None, "sqlite+sessionforge:///new.db (command line)", id="url"
         ),
         pytest.param(
-            [], "sqlite:///new.db", "sqlite+aiosqlite:///new.db (DATABASE_URL)", id="env"
+            [], "sqlite:///new.db", "sqlite+sessionforge:///new.db (DATABASE_URL)", id="env"
         ),
     ],
 )

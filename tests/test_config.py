@@ -39,7 +39,7 @@ def url_of(config: FactoryConfig) -> URL:
         pytest.param(
             "postgresql+psycopg://u@h/d", "postgresql+psycopg", "postgresql+psycopg", id="psycopg"
         ),
-        pytest.param("sqlite:///app.db", "sqlite+aiosqlite", "sqlite+pysqlite", id="sqlite"),
+        pytest.param("sqlite:///app.db", "sqlite+sessionforge", "sqlite+pysqlite", id="sqlite"),
         pytest.param(
             "sqlite+aiosqlite:///app.db", "sqlite+aiosqlite", "sqlite+pysqlite", id="aiosqlite"
         ),
@@ -151,7 +151,7 @@ def test_non_url_target_is_refused() -> None:
     [
         pytest.param("postgresql+psycopg2://u@h/d", "postgresql+asyncpg", id="psycopg2"),
         pytest.param("postgresql+pg8000://u@h/d", "postgresql+asyncpg", id="pg8000"),
-        pytest.param("sqlite+pysqlite:///x.db", "sqlite+aiosqlite", id="pysqlite"),
+        pytest.param("sqlite+pysqlite:///x.db", "sqlite+sessionforge", id="pysqlite"),
         pytest.param("mysql+pymysql://u@h/d", "mysql+aiomysql", id="pymysql"),
         pytest.param("mysql+mysqldb://u@h/d", "mysql+aiomysql", id="mysqldb"),
     ],

@@ -61,7 +61,7 @@ from .errors import ConfigurationError
 __all__ = ["DEFAULT_URL", "FactoryConfig", "FactoryOptions", "SyncFactoryOptions", "mask_url"]
 
 #: The embedded default: a SQLite file in the working directory.
-DEFAULT_URL: Final = "sqlite+aiosqlite:///sessionforge.db"
+DEFAULT_URL: Final = "sqlite+sessionforge:///sessionforge.db"
 
 
 # Checks shared by several options, or too long for one line.

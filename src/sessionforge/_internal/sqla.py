@@ -79,8 +79,8 @@ None`` after pysqlite writes ``""`` (``dialects/sqlite.py``).
     (``ext/asyncio/result.py``), a private hook of SQLAlchemy's own adapter cursors
     (``connectors/asyncio.py``). The driver's cursors take it from
     ``SoftClosingCursor`` here, as a no-op: they hold nothing to close. Sections 11-13
-    are exercised by ``tests/test_sqlite_driver.py`` (and the whole suite with
-    ``SESSIONFORGE_TEST_SQLITE_DRIVER=sessionforge``).
+    are exercised by ``tests/test_sqlite_driver.py`` and by every SQLite case of the
+    suite (the driver is the default of ``sqlite://``).
 14. Connect failures as ``DatabaseUnavailableError`` (``_internal/disconnects.py``).
     asyncpg's connect raises a raw ``OSError`` (refused, reset) or ``TimeoutError``,
     which SQLAlchemy does not wrap and which never reaches the ``handle_error`` event

@@ -90,7 +90,7 @@ def parse_url(raw: str | URL) -> URL:
     """Parse and normalise a database URL (DESIGN.md §2, async URL rules).
 
     A URL without a driver gets the dialect's async default (``postgresql://`` →
-    asyncpg, ``sqlite://`` → aiosqlite); ``postgres://`` is read as ``postgresql://``;
+    asyncpg, ``sqlite://`` → sessionforge's own driver); ``postgres://`` is read as ``postgresql://``;
     an in-memory SQLite URL gets a shared name. Explicit drivers are kept as given.
     Everything a driver would trip over later is refused here: a scheme that is not
     ``dialect[+driver]``, a port outside 1-65535, a NUL character. A PostgreSQL URL

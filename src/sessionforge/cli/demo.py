@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: The demo's own embedded database: a SQLite file in the working directory.
-DEFAULT_DEMO_URL: Final = "sqlite+aiosqlite:///sessionforge-demo.db"
+DEFAULT_DEMO_URL: Final = "sqlite+sessionforge:///sessionforge-demo.db"
 _SHOWN_ERROR_KINDS: Final = 5
 # Re-runs of a conflicting transfer: the demo's few accounts make conflicts the rule
 # where they are errors (MariaDB's 1020), and backoff caps each wait at 2 s.
