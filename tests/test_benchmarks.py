@@ -240,3 +240,21 @@ def test_suite_runs_counts_memory_and_scaling_into_results(tmp_path: Path) -> No
     if HAS_MATPLOTLIB:
         assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
     assert "## scaling: cost by tasks and pool size" in stdout
+
+
+def test_loop_latency_reports_every_contender(tmp_path: Path) -> None:
+    result = tmp_path / "latency.json"
+    stdout = run_module("benchmarks.bench_loop_latency", "--quick", "--json", str(result))
+    document = json.loads(result.read_text())
+    summary = document["summary"]
+    assert set(summary) == {
+        "bare SQLAlchemy + aiosqlite",
+        "sessionforge, sqlite+aiosqlite",
+        "sessionforge driver, thread only",
+        "sessionforge driver (default)",
+    }
+    for row in summary.values():
+        assert row["ops_per_s"] > 0
+        assert 0 <= row["late_p50_ms"] <= row["late_p99_ms"] <= row["late_max_ms"]
+    assert summary["bare SQLAlchemy + aiosqlite"]["ratio"] == 1.0
+    assert "p99 ms" in stdout
