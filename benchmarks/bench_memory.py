@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, ExitStack, asynccontextmanager
@@ -249,12 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--url",
-        default=os.environ.get(harness.URL_ENV) or harness.DEFAULT_URL,
-        help=f"database URL, or sqlite (default: ${harness.URL_ENV} if set, else "
-        f"{harness.DEFAULT_URL})",
-    )
+    harness.add_url_argument(parser)
     add("--sessions", type=int, default=SESSIONS, help="sessions made in the 'new' state")
     add("--held", type=int, default=HELD, help="transactions open at once (and pool size)")
     add("--repeats", type=int, default=REPEATS, help="measurements per figure (median)")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
@@ -221,11 +220,7 @@ def write_chart(documents: Sequence[Mapping[str, Any]], path: Path) -> bool:
         f"{machine['cpu_count']} CPUs",
         fontsize=8,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return harness.save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -235,12 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--url",
-        default=os.environ.get(harness.URL_ENV) or harness.DEFAULT_URL,
-        help=f"database URL, or sqlite (default: ${harness.URL_ENV} if set, else "
-        f"{harness.DEFAULT_URL})",
-    )
+    harness.add_url_argument(parser)
     add("--quick", action="store_true", help="a smoke run: 1 round of 0.1 s per point")
     add("--rounds", type=int, default=None, help=f"rounds per point (default {FULL['rounds']:g})")
     add("--seconds", type=float, default=None, help=f"seconds (default {FULL['seconds']:g})")

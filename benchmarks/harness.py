@@ -399,6 +399,26 @@ def write_json(report: Report, path: Path | None) -> Path:
 ContenderSource = Callable[[Params], AbstractAsyncContextManager[Sequence[Contender]]]
 
 
+def add_url_argument(parser: argparse.ArgumentParser) -> None:
+    """``--url``, defaulting to ``$SESSIONFORGE_BENCH_URL`` (``sqlite`` = a temporary file)."""
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(URL_ENV) or DEFAULT_URL,
+        help=f"database URL, or sqlite (default: ${URL_ENV} if set, else {DEFAULT_URL})",
+    )
+
+
+def save_figure(fig: Any, path: Path) -> bool:
+    """Lay out, write (110 dpi) and close a matplotlib figure; ``True`` once written."""
+    import matplotlib.pyplot as plt  # the bench extra's; callers checked it is installed
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def parse_args(scenario: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m benchmarks.bench_{scenario}",

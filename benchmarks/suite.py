@@ -872,11 +872,7 @@ def write_chart(document: dict[str, Any], path: Path) -> bool:
         "red: target",
         fontsize=8,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return harness.save_figure(fig, path)
 
 
 def short(name: str) -> str:

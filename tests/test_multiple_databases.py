@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import runpy
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,22 +23,13 @@ from sessionforge import FactoryConfig, SessionFactory
 from sessionforge.testing import isolated
 
 from .conftest import MARIADB_URL, PG_URL, require_mariadb, require_postgres
-from .test_readme import block_tested_by
+from .test_readme import block_tested_by, run_block
 
 HERE = "tests/test_multiple_databases.py"
 
 
 def test_the_readme_sqlmodel_example_runs(tmp_path: Path) -> None:
-    script = tmp_path / "heroes.py"
-    script.write_text(block_tested_by(f"{HERE}::test_the_readme_sqlmodel_example_runs"))
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_block(f"{HERE}::test_the_readme_sqlmodel_example_runs", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["['Deadpond']", "Deadpond"]
     with sqlite3.connect(tmp_path / "heroes.db") as connection:

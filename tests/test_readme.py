@@ -79,18 +79,22 @@ def test_every_python_block_is_tested_or_a_fragment() -> None:
     assert missing == [], "README blocks marked as tested by a test that does not exist"
 
 
-def test_quickstart_runs(tmp_path: Path) -> None:
-    script = tmp_path / "quickstart.py"
-    script.write_text(block_tested_by("tests/test_readme.py::test_quickstart_runs"))
-
-    result = subprocess.run(
+def run_block(test: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """Run the README block ``test`` tests as a script in ``directory`` (warnings are errors)."""
+    script = directory / "readme_block.py"
+    script.write_text(block_tested_by(test))
+    return subprocess.run(
         [sys.executable, "-W", "error", str(script)],
-        cwd=tmp_path,
+        cwd=directory,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_quickstart_runs(tmp_path: Path) -> None:
+    result = run_block("tests/test_readme.py::test_quickstart_runs", tmp_path)
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['ada']"

@@ -9,6 +9,7 @@ deferred BEGIN, cancellation, and its threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sqlite3
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, exc, insert, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import greenlet_spawn
@@ -76,6 +78,28 @@ class Gate:
             if task.done():
                 await task  # raises what stopped it short of the gate
                 raise AssertionError("the task ended without reaching the gate")
+
+
+class HeldLock:
+    """SQLite's write lock, held by another connection until ``release()``."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def release(self) -> None:
+        self._connection.rollback()
+
+
+@contextlib.contextmanager
+def write_lock_held(sync_url: Any) -> Iterator[HeldLock]:
+    """Another (plain pysqlite) connection holding the write lock of ``sync_url``'s file."""
+    holder = create_engine(sync_url, poolclass=NullPool)
+    try:
+        with holder.connect() as connection:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            yield HeldLock(connection)
+    finally:
+        holder.dispose()
 
 
 def our_threads() -> list[threading.Thread]:
@@ -257,15 +281,12 @@ async def test_deferred_begin_reports_a_lock_from_the_first_statement(
     try:
         async with db.engine.begin() as connection:
             await connection.run_sync(models.metadata.create_all)
-        holder = create_engine(db.config.sync_url, poolclass=NullPool)
-        with holder.connect() as locked:
-            locked.exec_driver_sql("BEGIN IMMEDIATE")
+        with write_lock_held(db.config.sync_url) as locked:
             with pytest.raises(exc.OperationalError, match="database is locked") as caught:
                 async with db.begin() as session:
                     session.add(models.Item(name="blocked"))
             assert is_retryable(caught.value)
-            locked.rollback()
-        holder.dispose()
+            locked.release()
         async with db.begin() as session:  # nothing stuck: the next one writes
             session.add(models.Item(name="written"))
         async with db.begin() as session:
@@ -356,7 +377,6 @@ async def test_a_lock_held_elsewhere_is_waited_out_without_blocking_the_loop(
             await connection.run_sync(models.metadata.create_all)
         async with db.begin() as session:  # the BEGIN and INSERT are timed: inline next
             session.add(models.Item(name="first"))
-        holder = create_engine(db.config.sync_url, poolclass=NullPool)
         ticks = 0
 
         async def ticker() -> None:
@@ -369,15 +389,13 @@ async def test_a_lock_held_elsewhere_is_waited_out_without_blocking_the_loop(
             async with db.begin() as session:
                 session.add(models.Item(name="waited"))
 
-        with holder.connect() as locked:
-            locked.exec_driver_sql("BEGIN IMMEDIATE")
+        with write_lock_held(db.config.sync_url) as locked:
             ticking = asyncio.create_task(ticker())
             writing = asyncio.create_task(writer())
             await asyncio.sleep(0.3)
             assert not writing.done()  # waiting for the lock...
             assert ticks >= 20  # ...while the loop runs other tasks
-            locked.rollback()
-        holder.dispose()
+            locked.release()
         await asyncio.wait_for(writing, timeout=5)
         ticking.cancel()
         async with db() as session:
@@ -398,7 +416,6 @@ async def test_an_executemany_outside_a_transaction_waits_on_its_thread(
     try:
         async with engine.begin() as connection:
             await connection.run_sync(models.metadata.create_all)
-        holder = create_engine(f"sqlite:///{file_url.partition(':///')[2]}", poolclass=NullPool)
         table = models.Item.__table__.name
 
         async def write_rows() -> None:
@@ -407,13 +424,11 @@ async def test_an_executemany_outside_a_transaction_waits_on_its_thread(
                     f"INSERT INTO {table} (name) VALUES (?)", [(f"row {i}",) for i in range(5)]
                 )
 
-        with holder.connect() as locked:
-            locked.exec_driver_sql("BEGIN IMMEDIATE")
+        with write_lock_held(f"sqlite:///{file_url.partition(':///')[2]}") as locked:
             writing = asyncio.create_task(write_rows())
             await asyncio.sleep(0.3)
             assert not writing.done()
-            locked.rollback()
-        holder.dispose()
+            locked.release()
         await asyncio.wait_for(writing, timeout=5)
         async with engine.connect() as connection:
             assert await connection.scalar(text(f"SELECT count(*) FROM {table}")) == 5
@@ -426,16 +441,13 @@ async def test_the_busy_timeout_bounds_the_wait(file_url: str, models: Models) -
     try:
         async with db.engine.begin() as connection:
             await connection.run_sync(models.metadata.create_all)
-        holder = create_engine(db.config.sync_url, poolclass=NullPool)
-        with holder.connect() as locked:
-            locked.exec_driver_sql("BEGIN IMMEDIATE")
+        with write_lock_held(db.config.sync_url) as locked:
             started = time.monotonic()
             with pytest.raises(exc.OperationalError, match="database is locked"):
                 async with db.begin() as session:
                     session.add(models.Item(name="blocked"))
             waited = time.monotonic() - started
-            locked.rollback()
-        holder.dispose()
+            locked.release()
         assert 0.3 <= waited < 3
         assert db.status().checked_out == 0
     finally:
