@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy import delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Engine
 
 from sessionforge import ReadOnlySessionError, SessionFactory
@@ -80,6 +80,7 @@ async def test_reader_refuses_writes_and_writes_nothing(
         ("flush", "it was asked to flush changes"),
         ("insert", "it was asked to run an INSERT"),
         ("update", "it was asked to run an UPDATE"),
+        ("delete", "it was asked to run a DELETE"),  # through scalars(), not execute()
     ]
     for kind, message in attempts:
         with pytest.raises(ReadOnlySessionError, match=message) as info:
@@ -90,6 +91,8 @@ async def test_reader_refuses_writes_and_writes_nothing(
                         await session.flush()
                     elif kind == "insert":
                         await session.execute(insert(models.Item).values(name="bob"))
+                    elif kind == "delete":
+                        await session.scalars(delete(models.Item))
                     else:
                         await session.execute(update(models.Item).values(name="bob"))
             else:
@@ -99,6 +102,8 @@ async def test_reader_refuses_writes_and_writes_nothing(
                         sync_session.flush()
                     elif kind == "insert":
                         sync_session.execute(insert(models.Item).values(name="bob"))
+                    elif kind == "delete":
+                        sync_session.scalars(delete(models.Item))
                     else:
                         sync_session.execute(update(models.Item).values(name="bob"))
         assert "write in db.begin()" in str(info.value)
