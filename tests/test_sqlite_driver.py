@@ -316,32 +316,35 @@ async def test_empty_transaction_sends_nothing(engine: AsyncEngine) -> None:
 # --- inline statements and the driver's busy wait ----------------------------------
 
 
-def _install_functions(engine: AsyncEngine) -> None:
-    """``whereami()``: the thread running the statement; ``slow_whereami()`` too, 3 ms later."""
-
-    def slow_whereami() -> int:
-        time.sleep(0.003)
-        return threading.get_ident()
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def add_functions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.create_function("whereami", 0, threading.get_ident)
-        dbapi_connection.create_function("slow_whereami", 0, slow_whereami)
+async def _raw_thread(connection: Any) -> ConnectionThread:
+    raw = await connection.get_raw_connection()
+    thread = raw.driver_connection
+    assert isinstance(thread, ConnectionThread)
+    return thread
 
 
 async def test_quick_statements_run_inline_once_timed_and_slow_ones_on_the_thread(
     engine: AsyncEngine,
 ) -> None:
     """The first run of a statement is on the connection's thread, timed there; a quick
-    one then runs on the event loop's thread (no hop), a slow one stays on the thread."""
-    _install_functions(engine)
+    one then runs on the event loop's thread (no hop), a slow one stays on the thread.
+    (The functions are registered on the raw sqlite3 connection: the driver does not
+    know them, so only their time decides; see the next tests for registered ones.)"""
+
+    def slow_whereami() -> int:
+        time.sleep(0.003)
+        return threading.get_ident()
+
+    def register(c: sqlite3.Connection) -> int:
+        c.create_function("whereami", 0, threading.get_ident)
+        c.create_function("slow_whereami", 0, slow_whereami)
+        return threading.get_ident()
+
     loop_thread = threading.get_ident()
     async with engine.connect() as connection:
+        driver_thread = await (await _raw_thread(connection)).run(register)
         quick = [await connection.scalar(text("SELECT whereami()")) for _ in range(3)]
         slow = [await connection.scalar(text("SELECT slow_whereami()")) for _ in range(3)]
-        raw = await connection.get_raw_connection()
-        assert isinstance(raw.driver_connection, ConnectionThread)
-        driver_thread = await raw.driver_connection.run(lambda c: threading.get_ident())
     assert driver_thread != loop_thread
     assert quick == [driver_thread, loop_thread, loop_thread]
     assert slow == [driver_thread] * 3
@@ -354,18 +357,39 @@ async def test_a_statement_that_turns_slow_goes_back_to_the_thread(engine: Async
         time.sleep(delay["seconds"])
         return threading.get_ident()
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def add_function(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.create_function("sometimes_slow", 0, sometimes_slow)
-
     loop_thread = threading.get_ident()
     async with engine.connect() as connection:
+        await (await _raw_thread(connection)).run(
+            lambda c: c.create_function("sometimes_slow", 0, sometimes_slow)
+        )
         statement = text("SELECT sometimes_slow()")
         assert await connection.scalar(statement) != loop_thread  # timed on the thread
         assert await connection.scalar(statement) == loop_thread
         delay["seconds"] = 0.01  # now slow: one run blocks the loop, then the thread again
         assert await connection.scalar(statement) == loop_thread
         assert await connection.scalar(statement) != loop_thread
+
+
+async def test_statements_naming_a_registered_function_stay_on_the_thread(
+    engine: AsyncEngine,
+) -> None:
+    """A function registered through the DBAPI connection (an engine ``connect``
+    listener) may wait on the event loop: its statements never run inline; others do."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def add_function(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("whereami", 0, threading.get_ident)
+
+    loop_thread = threading.get_ident()
+    async with engine.connect() as connection:
+        named = [await connection.scalar(text("SELECT WhereAmI()")) for _ in range(3)]
+        assert loop_thread not in named
+        thread = await _raw_thread(connection)
+        for _ in range(2):
+            await connection.scalar(text("SELECT 1"))
+        before = thread._submitted
+        assert await connection.scalar(text("SELECT 1")) == 1
+        assert thread._submitted == before  # inline: nothing handed to the thread
 
 
 async def test_a_lock_held_elsewhere_is_waited_out_without_blocking_the_loop(
@@ -462,11 +486,16 @@ async def test_pragma_busy_timeout_is_the_drivers(file_url: str) -> None:
             assert await connection.scalar(text("PRAGMA busy_timeout")) == 2500
             assert await connection.scalar(text("PRAGMA busy_timeout = 1234")) == 1234
             assert await connection.scalar(text("pragma main.busy_timeout")) == 1234
-            raw = await connection.get_raw_connection()
-            thread = raw.driver_connection
-            assert isinstance(thread, ConnectionThread)
+            thread = await _raw_thread(connection)
             assert thread.busy_timeout == 1.234
-            assert await thread.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()) == (0,)
+            assert await thread.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()) == (
+                1234,  # run() calls are made with SQLite's busy timeout in force...
+            )
+            sqlite = thread.connection
+            assert sqlite is not None  # ...and it is 0 between them, for inline calls
+            assert await thread.submit(
+                lambda: sqlite.execute("PRAGMA busy_timeout").fetchone()
+            ) == (0,)
     finally:
         await db.dispose()
 

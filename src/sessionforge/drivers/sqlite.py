@@ -89,12 +89,23 @@ DRIVER: Final = "sessionforge"
 INLINE_BUDGET: Final = 0.0005
 _SMOOTHING: Final = 0.2
 _MOST_TIMINGS: Final = 4096
-#: sqlite3's default busy timeout, and the backoff of the driver's own busy wait.
+#: sqlite3's default busy timeout, and the backoff of an inline call's wait for a lock.
 _DEFAULT_BUSY_TIMEOUT: Final = 5.0
 _FIRST_PAUSE: Final = 0.0005
 _LONGEST_PAUSE: Final = 0.01
-#: SQLITE_BUSY and SQLITE_BUSY_RECOVERY; not BUSY_SNAPSHOT (517), which a wait cannot cure.
+#: SQLITE_BUSY and SQLITE_BUSY_RECOVERY: run again on the thread, where SQLite waits.
+#: Not BUSY_SNAPSHOT (517), which no wait can cure.
 _BUSY: Final = frozenset({5, 261})
+#: Forwarded methods that register a callback run during statements: a callback for
+#: every statement turns inline calls off; a named one keeps its statements off it.
+_CALLBACK_HOOKS: Final = frozenset(
+    {"set_authorizer", "set_progress_handler", "set_trace_callback"}
+)
+_NAMED_HOOKS: Final = frozenset(
+    {"create_function", "create_aggregate", "create_window_function", "create_collation"}
+)
+#: The functions SQLAlchemy's pysqlite dialect registers on every connection (pure).
+_DIALECT_FUNCTIONS: Final = frozenset({"regexp", "floor"})
 
 # (function, arguments, loop, future); a job without a future is not waited for.
 _Job = tuple[
@@ -148,17 +159,22 @@ class ConnectionThread:
         "inline",
         "pending_begin",
         "timings",
+        "user_names",
     )
 
     def __init__(self, timings: dict[str, float] | None = None) -> None:
         self.connection: sqlite3.Connection | None = None
         # A BEGIN not sent yet: it runs first in the next submitted call, same hop.
         self.pending_begin: str | None = None
-        #: Seconds a statement waits for a lock another connection holds (SQLite's
-        #: busy timeout, which the driver keeps at 0 and waits out itself: _call).
+        #: Seconds a statement waits for a lock another connection holds: SQLite's busy
+        #: timeout, set only for calls on the connection's thread (``_with_busy_timeout``).
         self.busy_timeout = _DEFAULT_BUSY_TIMEOUT
-        #: Whether calls may run on the event loop's thread (check_same_thread=False).
+        #: Whether calls may run on the event loop's thread (check_same_thread=False, a
+        #: serialized SQLite build, no authorizer/progress/trace callback).
         self.inline = False
+        #: The functions and collations registered through the DBAPI connection, whose
+        #: statements stay on the connection's thread (one may wait on the event loop).
+        self.user_names: re.Pattern[str] | None = None
         #: How long each statement took, by its SQL (shared by an engine's connections).
         self.timings: dict[str, float] = {} if timings is None else timings
         self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
@@ -173,8 +189,9 @@ class ConnectionThread:
         self._thread.start()
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread."""
-        return await self.submit(fn, self.connection, *args)
+        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread (with SQLite's
+        busy timeout in force, as for every call made there)."""
+        return await self.submit(_with_busy_timeout, self, fn, (self.connection, *args))
 
     @property
     def idle(self) -> bool:
@@ -240,15 +257,30 @@ class ConnectionThread:
         """Connect, on the thread.
 
         SQLite's own busy wait would block the event loop for a statement run inline:
-        it is turned off (``timeout=0``) and waited out by ``_call`` with async sleeps.
-        Calls may run inline only when the connection may be used from another thread.
+        the connection's busy timeout is 0, and set to ``busy_timeout`` only around the
+        calls made on the connection's thread (``_with_busy_timeout``). Calls may run
+        inline only when the connection may be used from another thread and SQLite is
+        built serialized (``sqlite3.threadsafety == 3``).
         """
         kwargs = dict(kwargs)
         self.busy_timeout = float(kwargs.pop("timeout", _DEFAULT_BUSY_TIMEOUT))
         # The adapter uses the connection for one call at a time, from either thread.
         kwargs.setdefault("check_same_thread", False)
-        self.inline = kwargs["check_same_thread"] is False
+        self.inline = kwargs["check_same_thread"] is False and sqlite3.threadsafety == 3
         self.connection = cast(Any, sqlite3.connect)(*args, timeout=0, **kwargs)
+
+    def note_hook(self, method: str, args: tuple[Any, ...]) -> None:
+        """Keep statements that a Python callback registered by ``method`` may run in
+        off the event loop's thread (the callback may wait on that loop)."""
+        if method in _CALLBACK_HOOKS and args and args[0] is not None:
+            self.inline = False
+        elif method in _NAMED_HOOKS and args and isinstance(args[0], str):
+            name = args[0].lower()
+            if method != "create_function" or name not in _DIALECT_FUNCTIONS:
+                pattern = rf"\b{re.escape(name)}\b"
+                if self.user_names is not None:
+                    pattern = f"{self.user_names.pattern}|{pattern}"
+                self.user_names = re.compile(pattern, re.I)
 
     def close_connection(self) -> None:
         """Close the ``sqlite3`` connection, on the thread; rolls back any transaction."""
@@ -285,12 +317,14 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
     timed there; one whose time (a moving average) exceeds ``INLINE_BUDGET`` goes back
     to the thread, so a slow query blocks the loop at most once before it moves.
 
-    A lock held by another connection (``SQLITE_BUSY``) is waited out here with
-    ``asyncio.sleep`` backoff until ``busy_timeout``, then raised as SQLite would: a
-    statement that got ``SQLITE_BUSY`` did nothing, and is run again. A call that could
-    have done part of its work (an ``executemany`` outside a transaction commits row by
-    row; a fetch from a server-side cursor) is not: it waits as SQLite does, on the
-    connection's thread, with SQLite's busy timeout set for it.
+    Inline, SQLite's busy timeout is 0: a lock another connection holds fails the
+    statement at once (``SQLITE_BUSY``: it did nothing). Outside a transaction (a
+    BEGIN, a statement on its own), where SQLite would always wait, it is tried again
+    inline after an ``asyncio.sleep`` backoff (0.5 ms doubling to 10 ms), so the loop
+    runs the lock's holder meanwhile, until ``busy_timeout``. Inside one, it runs again
+    on the connection's thread, where SQLite waits with its own busy handler — which
+    knows when waiting cannot help (a reader turned writer) and fails at once then. A
+    BEGIN that went through is not sent again.
     """
     if not in_greenlet():
         # Checked first: a job queued before await_ refused would still run.
@@ -299,62 +333,67 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
             "in SQLAlchemy's greenlet: use it through create_async_engine/AsyncSession"
         )
     fn, args = thread.with_pending_begin(fn, args)
-    if _timing_key(fn, args) is None and fn not in _RERUNNABLE:
+    key = _timing_key(thread, fn, args)
+    if key is None:
         return cast(_T, util.await_(thread.submit(_with_busy_timeout, thread, fn, args)))
+    timings = thread.timings
+    known = timings.get(key)
     deadline: float | None = None
     pause = _FIRST_PAUSE
-    while True:
+    while known is not None and known <= INLINE_BUDGET and thread.inline and thread.idle:
+        started = time.perf_counter()
         try:
-            return _attempt(thread, fn, args)
+            outcome = fn(*args)
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in _BUSY:
                 raise
+            fn, args = _after_busy(thread, fn, args)
+            connection = thread.connection
+            if connection is None or connection.in_transaction:
+                break  # SQLite's own wait, on the thread: it knows when waiting cannot help
+            # Outside a transaction (a BEGIN, a statement on its own) waiting is always
+            # what SQLite would do: wait here, letting the loop run the lock's holder.
             now = time.monotonic()
-            if deadline is None:
-                deadline = now + thread.busy_timeout
+            deadline = now + thread.busy_timeout if deadline is None else deadline
             if now >= deadline:
                 raise
-            connection = thread.connection
-            if fn is _after_begin and connection is not None and connection.in_transaction:
-                fn, args = args[2], args[3]  # the BEGIN went through: not again
             util.await_(asyncio.sleep(min(pause, deadline - now)))
             pause = min(pause * 2, _LONGEST_PAUSE)
-
-
-def _attempt(thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
-    key = _timing_key(fn, args)
-    if key is None:
-        return util.await_(thread.submit(fn, *args))
-    timings = thread.timings
-    known = timings.get(key)
-    if known is not None and known <= INLINE_BUDGET and thread.inline and thread.idle:
-        started = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
+        else:
             timings[key] = known + (time.perf_counter() - started - known) * _SMOOTHING
             # AsyncConnection.execute() refuses a statement that awaited nothing
             # (AwaitRequired, its test for sync drivers): a no-op await, no loop turn.
             util.await_(_NOTHING)
-    outcome, elapsed = util.await_(thread.submit(_timed, fn, args))
-    if len(timings) >= _MOST_TIMINGS:
-        timings.clear()  # literal SQL without parameters: do not grow without end
-    timings[key] = elapsed if known is None else known + (elapsed - known) * _SMOOTHING
-    return cast(_T, outcome)
+            return outcome
+    else:
+        if deadline is None:
+            outcome, elapsed = util.await_(thread.submit(_timed, thread, fn, args))
+            if elapsed is not None:
+                if len(timings) >= _MOST_TIMINGS:
+                    timings.clear()  # literal SQL without parameters: do not grow without end
+                timings[key] = elapsed if known is None else known + (elapsed - known) * _SMOOTHING
+            return cast(_T, outcome)
+    return cast(_T, util.await_(thread.submit(_with_busy_timeout, thread, fn, args)))
 
 
-def _timing_key(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
+def _timing_key(
+    thread: ConnectionThread, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> str | None:
     """The SQL a call runs, when it may run inline; ``None`` for the thread only.
 
-    Statements and COMMIT/ROLLBACK may; so may a pending BEGIN before them. Not: an
-    ``executemany`` outside a transaction (each row its own transaction: a busy wait
-    in the middle could not be re-run), server-side cursors, connect and close.
+    Statements and COMMIT/ROLLBACK may; so may a pending BEGIN before them. Not:
+    ``executemany`` (its time grows with its rows, which the SQL does not show), a
+    statement naming a function or collation registered through the DBAPI connection,
+    a ``busy_timeout`` pragma (SQLite's own value is the driver's to keep),
+    server-side cursors, connect and close.
     """
     if fn is _after_begin:
         fn, args = args[2], args[3]
     if fn is _execute:
-        connection, operation, _parameters, many = args
-        if many and not connection.in_transaction:
+        _connection, operation, _parameters, many = args
+        if many or "busy_timeout" in operation.lower():
+            return None
+        if thread.user_names is not None and thread.user_names.search(operation):
             return None
         return cast(str, operation)
     name = getattr(fn, "__name__", None)
@@ -365,10 +404,24 @@ def _timing_key(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
     return None
 
 
+def _after_busy(
+    thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, ...]
+) -> tuple[Callable[..., _T], tuple[Any, ...]]:
+    """The call to make again after ``SQLITE_BUSY``: without a BEGIN that went through."""
+    connection = thread.connection
+    if fn is _after_begin and connection is not None and connection.in_transaction:
+        return args[2], args[3]
+    return fn, args
+
+
 def _with_busy_timeout(
     thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, ...]
 ) -> _T:
-    """``fn(*args)`` with SQLite's own busy wait (on the connection's thread)."""
+    """``fn(*args)`` with SQLite's own busy wait (on the connection's thread).
+
+    A ``busy_timeout`` pragma among the calls sets (or reads) the driver's value: it is
+    read back from SQLite afterwards.
+    """
     connection = thread.connection
     if connection is None:
         return fn(*args)
@@ -377,12 +430,24 @@ def _with_busy_timeout(
         return fn(*args)
     finally:
         if thread.connection is not None:
+            if fn is _execute and "busy_timeout" in args[1].lower():
+                (milliseconds,) = connection.execute("PRAGMA busy_timeout").fetchone()
+                thread.busy_timeout = milliseconds / 1000
             connection.execute("PRAGMA busy_timeout = 0").close()
 
 
-def _timed(fn: Callable[..., _T], args: tuple[Any, ...]) -> tuple[_T, float]:
+def _timed(
+    thread: ConnectionThread, fn: Callable[..., _T], args: tuple[Any, ...]
+) -> tuple[_T, float | None]:
+    """``fn(*args)`` and how long it took; a lock wait is not timed (``None``)."""
     started = time.perf_counter()
-    outcome = fn(*args)
+    try:
+        outcome = fn(*args)  # SQLite's busy timeout is 0 here
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _BUSY:
+            raise
+        fn, args = _after_busy(thread, fn, args)
+        return _with_busy_timeout(thread, fn, args), None
     return outcome, time.perf_counter() - started
 
 
@@ -395,12 +460,6 @@ _BEGIN: Final = re.compile(
     r"\s*BEGIN(?:\s+(?:DEFERRED|IMMEDIATE|EXCLUSIVE))?(?:\s+TRANSACTION)?\s*;?\s*", re.I
 )
 _LONGEST_BEGIN: Final = 64
-_BUSY_TIMEOUT_PRAGMA: Final = re.compile(
-    r"\s*PRAGMA\s+(?:main\.)?busy_timeout\s*(?:=\s*(?P<value>-?\d+)|\(\s*(?P<call>-?\d+)\s*\))?"
-    r"\s*;?\s*",
-    re.I,
-)
-_LONGEST_PRAGMA: Final = 64
 
 
 def _execute(
@@ -451,11 +510,6 @@ def _set_isolation_level(connection: sqlite3.Connection, value: str | None) -> N
     cast(Any, connection).isolation_level = value
 
 
-#: Calls run again after ``SQLITE_BUSY`` besides the statements ``_timing_key`` names:
-#: an execute that failed at its first step did nothing.
-_RERUNNABLE: Final = frozenset({_open_cursor, _set_isolation_level})
-
-
 # --- the DBAPI adapter ---------------------------------------------------------------
 
 
@@ -481,8 +535,6 @@ class AsyncAdapt_sessionforge_cursor(SoftClosingCursor):
 
     def _run(self, operation: str, parameters: Any, *, many: bool) -> None:
         adapt = self._adapt_connection
-        if not many and not parameters and adapt._busy_timeout_pragma(operation, self):
-            return
         if not many and not parameters and adapt._defer_begin(operation):
             self.description, self.rowcount, self.lastrowid = None, -1, None
             self._rows.clear()
@@ -602,27 +654,6 @@ class AsyncAdapt_sessionforge_connection(AdaptedConnection):
     def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return _call(self._thread, fn, *args)
 
-    def _busy_timeout_pragma(self, operation: str, cursor: AsyncAdapt_sessionforge_cursor) -> bool:
-        """Answer ``PRAGMA busy_timeout [= ms]`` from the driver's own busy wait.
-
-        SQLite's busy timeout stays 0 (a statement run on the event loop's thread must
-        not sleep there); the value is the driver's, and the answer is SQLite's: one
-        row with the timeout in milliseconds.
-        """
-        if len(operation) > _LONGEST_PRAGMA:
-            return False
-        found = _BUSY_TIMEOUT_PRAGMA.fullmatch(operation)
-        if found is None:
-            return False
-        value = found["value"] or found["call"]
-        if value is not None:
-            self._thread.busy_timeout = max(int(value), 0) / 1000
-        cursor.description = (("timeout", None, None, None, None, None, None),)
-        cursor.rowcount, cursor.lastrowid = -1, None
-        cursor._rows = collections.deque([(round(self._thread.busy_timeout * 1000),)])
-        util.await_(_NOTHING)  # AsyncConnection.execute() wants an await (see _run)
-        return True
-
     def _defer_begin(self, operation: str) -> bool:
         """Keep a BEGIN to send with the next statement, saving it a hop of its own.
 
@@ -694,7 +725,13 @@ class AsyncAdapt_sessionforge_connection(AdaptedConnection):
     def __getattr__(self, name: str) -> Any:
         if name in _FORWARDED:
             method = getattr(self._sqlite, name)
-            return lambda *args, **kwargs: self._run(_apply, method, args, kwargs)
+            thread = self._thread
+
+            def forwarded(*args: Any, **kwargs: Any) -> Any:
+                thread.note_hook(name, args)
+                return self._run(_apply, method, args, kwargs)
+
+            return forwarded
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
