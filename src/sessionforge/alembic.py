@@ -51,8 +51,9 @@ from typing import Any, Final
 from sqlalchemy import MetaData
 from sqlalchemy.engine import URL, Connection
 
+from ._internal.loops import run_on_own_loop
 from ._internal.migrations import MigrationError as MigrationError
-from ._internal.migrations import check_foreign_keys, foreign_keys_off, run_on_own_loop
+from ._internal.migrations import check_foreign_keys, foreign_keys_off
 from .dialects.sqlite import is_memory_sqlite
 from .errors import ConfigurationError
 from .factory import SessionFactory

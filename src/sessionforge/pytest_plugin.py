@@ -35,9 +35,7 @@ using Starlette's ``TestClient``.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import pytest
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import Connection, Engine
 
+from ._internal.loops import run_on_own_loop
 from .factory import SessionFactory
 from .sync import SyncSessionFactory
 from .testing import AsyncIsolation, SyncIsolation, isolated
@@ -258,27 +257,7 @@ def sessionforge_session(
         yield session
     finally:
         if isinstance(sessionforge_isolation, AsyncIsolation):
-            _run_in_own_loop(session.close)
+            # Not the loop pytest-asyncio may have set (or be running): one of its own.
+            run_on_own_loop(session.close)
         else:
             session.close()
-
-
-def _run_in_own_loop(fn: Callable[[], Any]) -> None:
-    """Run the coroutine ``fn()`` in a fresh event loop on a thread of its own.
-
-    A sync fixture may run while pytest-asyncio's loop is set (or even running), so it
-    does not borrow it.
-    """
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(fn())
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=run, name="sessionforge-fixture")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]

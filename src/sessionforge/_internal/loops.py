@@ -23,9 +23,9 @@ import gc
 import logging
 import threading
 import warnings
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,7 +33,9 @@ from sessionforge import dialects
 
 from . import sqla
 
-__all__ = ["LoopEngines"]
+__all__ = ["LoopEngines", "run_on_own_loop", "running_loop"]
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("sessionforge.engines")
 
@@ -43,6 +45,38 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def run_on_own_loop(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run the coroutine ``make()`` to completion on a new event loop, and wait for it.
+
+    For sync code that must run async work to its end: Alembic's ``env.py`` (called
+    from its CLI, or from a program inside a running loop), the pytest plugin's sync
+    fixtures (pytest-asyncio's loop may be set, or running).
+
+    No loop running here: the loop runs in this thread (``asyncio.Runner`` with a loop
+    factory, so a loop set but idle here — pytest-asyncio's — stays set). A loop running
+    here: a worker thread runs it, and this thread (and its loop) waits.
+    """
+    if running_loop() is None:
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+            return runner.run(make())
+    results: list[_T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+                results.append(runner.run(make()))
+        except BaseException as error:  # handed to the waiting thread
+            errors.append(error)
+
+    worker = threading.Thread(target=run, name="sessionforge-migrations")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 @dataclass(slots=True)

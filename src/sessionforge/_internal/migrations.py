@@ -1,4 +1,4 @@
-"""What ``sessionforge.alembic`` needs without Alembic: SQLite's foreign-key guard, a loop.
+"""What ``sessionforge.alembic`` needs without Alembic: SQLite's foreign-key guard.
 
 **Foreign keys off on SQLite.** Alembic's batch mode changes a SQLite table by copying
 it: ``CREATE TABLE _alembic_tmp_x``, ``INSERT ... SELECT``, ``DROP TABLE x``, ``ALTER
@@ -9,17 +9,12 @@ foreign_keys = OFF`` (set outside any transaction: inside one SQLite ignores it)
 ``PRAGMA foreign_key_check`` afterwards, which reports what enforcement would have
 refused. The connection goes back to the pool with the pragma as it found it.
 
-**A loop of its own.** Alembic calls ``env.py`` synchronously, from its CLI (no loop) or
-from a program (perhaps inside a running loop, which then cannot be awaited from here).
-An async factory's migration therefore runs on a fresh loop: in this thread when none is
-running, else in a worker thread, while the caller waits.
+(An async factory's migration runs on a loop of its own: ``loops.run_on_own_loop``.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -27,9 +22,7 @@ from sqlalchemy.engine import Connection
 
 from sessionforge.errors import MigrationError
 
-from .loops import running_loop
-
-__all__ = ["MigrationError", "check_foreign_keys", "foreign_keys_off", "run_on_own_loop"]
+__all__ = ["MigrationError", "check_foreign_keys", "foreign_keys_off"]
 
 _T = TypeVar("_T")
 
@@ -92,31 +85,3 @@ def check_foreign_keys(connection: Connection, *, rolled_back: bool) -> None:
         "migration (op.execute), or fix the step that orphaned them",
         violations=violations,
     )
-
-
-def run_on_own_loop(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run the coroutine ``make()`` to completion on a new event loop, and wait for it.
-
-    No loop running here: the loop runs in this thread (``asyncio.Runner`` with a loop
-    factory, so a loop set but idle here — pytest-asyncio's — stays set). A loop running
-    here: a worker thread runs it, and this thread (and its loop) waits.
-    """
-    if running_loop() is None:
-        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
-            return runner.run(make())
-    results: list[_T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
-                results.append(runner.run(make()))
-        except BaseException as error:  # handed to the waiting thread
-            errors.append(error)
-
-    worker = threading.Thread(target=run, name="sessionforge-migrations")
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
-    return results[0]
