@@ -301,7 +301,7 @@ async def test_the_timeout_does_not_reach_the_next_user_of_the_connection(
     """A pool of one: after a timed transaction, an untimed long statement runs out."""
     db = make(pool_size=1, max_overflow=0)
     async with db.begin(timeout=0.5) as session:
-        timed = await session.scalar(text("SELECT CONNECTION_ID()"))
+        timed = await session.scalar(CONNECTION_ID)
         assert float(await session.scalar(text("SELECT @@session.max_statement_time"))) == 0.5
     async with db.begin() as session:
         slept, same = (await session.execute(text("SELECT SLEEP(1.2), CONNECTION_ID()"))).one()
@@ -332,6 +332,16 @@ def test_settings_are_refused_with_what_to_do() -> None:
 # --- liveness, ping, check, diagnosis ---------------------------------------------------
 
 
+def kill(connection_id: object) -> None:
+    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
+    with killer.connect() as connection:
+        connection.exec_driver_sql(f"KILL {int(str(connection_id))}")
+    killer.dispose()
+
+
+CONNECTION_ID = text("SELECT CONNECTION_ID()")
+
+
 async def test_ping_and_a_killed_pooled_connection_replaced_unseen(
     make: Callable[..., SessionFactory[Any]], driver: str
 ) -> None:
@@ -339,14 +349,11 @@ async def test_ping_and_a_killed_pooled_connection_replaced_unseen(
     assert 0 < await db.ping() < 5
     assert 0 < await asyncio.to_thread(db.sync.ping) < 5
     async with db.begin() as session:
-        killed = await session.scalar(text("SELECT CONNECTION_ID()"))
-    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
-    with killer.connect() as connection:
-        connection.exec_driver_sql(f"KILL {int(killed)}")
-    killer.dispose()
+        killed = await session.scalar(CONNECTION_ID)
+    kill(killed)
     await asyncio.sleep(0.1)
     async with db.begin() as session:  # the checkout's ping found it dead: a fresh one
-        assert await session.scalar(text("SELECT CONNECTION_ID()")) != killed
+        assert await session.scalar(CONNECTION_ID) != killed
 
 
 def test_check_names_mariadb_and_its_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -519,28 +526,15 @@ async def test_ping_of_a_killed_pooled_connection_fails_and_drops_it(
     and the pool does not hand that connection on: the next ping answers."""
     db = make(ping_after=None, pool_size=1, max_overflow=0)
     async with db.begin() as session:
-        killed = await session.scalar(text("SELECT CONNECTION_ID()"))
-    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
-    with killer.connect() as connection:
-        connection.exec_driver_sql(f"KILL {int(killed)}")
-    killer.dispose()
+        killed = await session.scalar(CONNECTION_ID)
+    kill(killed)
     await asyncio.sleep(0.1)
     with pytest.raises(DatabaseUnavailableError):
         await db.ping()
     assert 0 < await db.ping() < 5
     async with db.begin() as session:
-        assert await session.scalar(text("SELECT CONNECTION_ID()")) != killed
+        assert await session.scalar(CONNECTION_ID) != killed
     assert db.status().checked_out == 0
-
-
-def kill(connection_id: object) -> None:
-    killer = create_engine(url_for("pymysql"), poolclass=NullPool)
-    with killer.connect() as connection:
-        connection.exec_driver_sql(f"KILL {int(str(connection_id))}")
-    killer.dispose()
-
-
-CONNECTION_ID = text("SELECT CONNECTION_ID()")
 
 
 @pytest.mark.parametrize("twin", ["async", "sync"])
