@@ -41,10 +41,10 @@ def raw_name(url: str, backends: Collection[str] = ("postgresql", "sqlite")) -> 
     return name if driver in (None, parsed.get_driver_name()) else None
 
 
-class AsyncpgPool:
-    """An ``asyncpg`` pool of fixed size; placeholders are ``$1``, ``$2``, ..."""
+class _DriverPool:
+    """A driver's own pool of fixed size: ``acquire()`` is its async context manager."""
 
-    placeholder = "$1"
+    placeholder: str
 
     def __init__(self, pool: Any, size: int) -> None:
         self.pool = pool
@@ -52,23 +52,22 @@ class AsyncpgPool:
 
     def acquire(self) -> Any:
         return self.pool.acquire()
+
+
+class AsyncpgPool(_DriverPool):
+    """An ``asyncpg`` pool of fixed size; placeholders are ``$1``, ``$2``, ..."""
+
+    placeholder = "$1"
 
     def checked_out(self) -> int:
         return int(self.pool.get_size() - self.pool.get_idle_size())
 
 
-class AiomysqlPool:
+class AiomysqlPool(_DriverPool):
     """An ``aiomysql`` pool of fixed size, autocommit off (as SQLAlchemy runs it);
     placeholders are ``%s``. Its release closes a connection left in a transaction."""
 
     placeholder = "%s"
-
-    def __init__(self, pool: Any, size: int) -> None:
-        self.pool = pool
-        self.size = size
-
-    def acquire(self) -> Any:
-        return self.pool.acquire()
 
     def checked_out(self) -> int:
         return int(self.pool.size - self.pool.freesize)
