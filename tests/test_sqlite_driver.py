@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, exc, insert, select, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import event, exc, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
 from sqlalchemy.util import greenlet_spawn
 
 from sessionforge import FactoryConfig, SessionFactory
@@ -80,26 +78,36 @@ class Gate:
                 raise AssertionError("the task ended without reaching the gate")
 
 
-class HeldLock:
-    """SQLite's write lock, held by another connection until ``release()``."""
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def release(self) -> None:
-        self._connection.rollback()
-
-
 @contextlib.contextmanager
-def write_lock_held(sync_url: Any) -> Iterator[HeldLock]:
-    """Another (plain pysqlite) connection holding the write lock of ``sync_url``'s file."""
-    holder = create_engine(sync_url, poolclass=NullPool)
+def held_write_lock(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A plain pysqlite connection holding the write lock of ``path`` until rollback()."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        with holder.connect() as connection:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-            yield HeldLock(connection)
+        holder.execute("BEGIN IMMEDIATE")
+        yield holder
     finally:
-        holder.dispose()
+        holder.rollback()
+        holder.close()
+
+
+async def driver_thread(connection: Any) -> ConnectionThread:
+    """The ``ConnectionThread`` of an ``AsyncConnection`` on the driver."""
+    raw = await connection.get_raw_connection()
+    thread = raw.driver_connection
+    assert isinstance(thread, ConnectionThread)
+    return thread
+
+
+async def runs_until_inline(connection: Any, statement: str, *params: Any) -> list[int]:
+    """Run ``statement`` (its one value: the thread running it) until it ran on the
+    loop's thread; the threads it ran on. Skips on a machine so loaded that even a
+    trivial statement stays over INLINE_BUDGET (then there is nothing to check)."""
+    seen: list[int] = []
+    for _ in range(50):
+        seen.append(await connection.scalar(text(statement), *params))
+        if seen[-1] == threading.get_ident():
+            return seen
+    pytest.skip("no statement ran inline: this machine is too busy for INLINE_BUDGET")
 
 
 def our_threads() -> list[threading.Thread]:
@@ -281,12 +289,12 @@ async def test_deferred_begin_reports_a_lock_from_the_first_statement(
     try:
         async with db.engine.begin() as connection:
             await connection.run_sync(models.metadata.create_all)
-        with write_lock_held(db.config.sync_url) as locked:
+        with held_write_lock(db.config.sync_url.database or "") as locked:
             with pytest.raises(exc.OperationalError, match="database is locked") as caught:
                 async with db.begin() as session:
                     session.add(models.Item(name="blocked"))
             assert is_retryable(caught.value)
-            locked.release()
+            locked.rollback()
         async with db.begin() as session:  # nothing stuck: the next one writes
             session.add(models.Item(name="written"))
         async with db.begin() as session:
@@ -316,25 +324,6 @@ async def test_empty_transaction_sends_nothing(engine: AsyncEngine) -> None:
 # --- inline statements and the driver's busy wait ----------------------------------
 
 
-async def _raw_thread(connection: Any) -> ConnectionThread:
-    raw = await connection.get_raw_connection()
-    thread = raw.driver_connection
-    assert isinstance(thread, ConnectionThread)
-    return thread
-
-
-async def _runs_until_inline(connection: Any, statement: str) -> list[int]:
-    """Run ``statement`` (its one value: the thread running it) until it ran on the
-    loop's thread; the threads it ran on. Skips on a machine so loaded that even a
-    trivial statement stays over INLINE_BUDGET (then there is nothing to check)."""
-    seen: list[int] = []
-    for _ in range(30):
-        seen.append(await connection.scalar(text(statement)))
-        if seen[-1] == threading.get_ident():
-            return seen
-    pytest.skip("no statement ran inline: this machine is too busy for INLINE_BUDGET")
-
-
 async def test_quick_statements_run_inline_once_timed_and_slow_ones_on_the_thread(
     engine: AsyncEngine,
 ) -> None:
@@ -354,12 +343,12 @@ async def test_quick_statements_run_inline_once_timed_and_slow_ones_on_the_threa
 
     loop_thread = threading.get_ident()
     async with engine.connect() as connection:
-        driver_thread = await (await _raw_thread(connection)).run(register)
-        quick = await _runs_until_inline(connection, "SELECT whereami()")
+        its_thread = await (await driver_thread(connection)).run(register)
+        quick = await runs_until_inline(connection, "SELECT whereami()")
         slow = [await connection.scalar(text("SELECT slow_whereami()")) for _ in range(3)]
-    assert driver_thread != loop_thread
-    assert quick[0] == driver_thread  # timed there first
-    assert slow == [driver_thread] * 3  # 3 ms each: never inline
+    assert its_thread != loop_thread
+    assert quick[0] == its_thread  # timed there first
+    assert slow == [its_thread] * 3  # 3 ms each: never inline
 
 
 async def test_a_statement_that_turns_slow_goes_back_to_the_thread(engine: AsyncEngine) -> None:
@@ -371,11 +360,11 @@ async def test_a_statement_that_turns_slow_goes_back_to_the_thread(engine: Async
 
     loop_thread = threading.get_ident()
     async with engine.connect() as connection:
-        await (await _raw_thread(connection)).run(
+        await (await driver_thread(connection)).run(
             lambda c: c.create_function("sometimes_slow", 0, sometimes_slow)
         )
         statement = "SELECT sometimes_slow()"
-        assert (await _runs_until_inline(connection, statement))[0] != loop_thread
+        assert (await runs_until_inline(connection, statement))[0] != loop_thread
         delay["seconds"] = 0.01  # now slow: one run blocks the loop, then the thread again
         assert await connection.scalar(text(statement)) == loop_thread
         assert await connection.scalar(text(statement)) != loop_thread
@@ -393,9 +382,9 @@ async def test_statements_naming_a_registered_function_stay_on_the_thread(
 
     loop_thread = threading.get_ident()
     async with engine.connect() as connection:
-        thread = await _raw_thread(connection)
+        thread = await driver_thread(connection)
         await thread.run(lambda c: c.create_function("here", 0, threading.get_ident))
-        await _runs_until_inline(connection, "SELECT here()")  # others do go inline
+        await runs_until_inline(connection, "SELECT here()")  # others do go inline
         named = [await connection.scalar(text("SELECT WhereAmI()")) for _ in range(10)]
     assert loop_thread not in named
 
@@ -421,13 +410,13 @@ async def test_a_lock_held_elsewhere_is_waited_out_without_blocking_the_loop(
             async with db.begin() as session:
                 session.add(models.Item(name="waited"))
 
-        with write_lock_held(db.config.sync_url) as locked:
+        with held_write_lock(db.config.sync_url.database or "") as locked:
             ticking = asyncio.create_task(ticker())
             writing = asyncio.create_task(writer())
             await asyncio.sleep(0.3)
             assert not writing.done()  # waiting for the lock...
             assert ticks >= 20  # ...while the loop runs other tasks
-            locked.release()
+            locked.rollback()
         await asyncio.wait_for(writing, timeout=5)
         ticking.cancel()
         async with db() as session:
@@ -456,11 +445,11 @@ async def test_an_executemany_outside_a_transaction_waits_on_its_thread(
                     f"INSERT INTO {table} (name) VALUES (?)", [(f"row {i}",) for i in range(5)]
                 )
 
-        with write_lock_held(f"sqlite:///{file_url.partition(':///')[2]}") as locked:
+        with held_write_lock(file_url.partition(":///")[2]) as locked:
             writing = asyncio.create_task(write_rows())
             await asyncio.sleep(0.3)
             assert not writing.done()
-            locked.release()
+            locked.rollback()
         await asyncio.wait_for(writing, timeout=5)
         async with engine.connect() as connection:
             assert await connection.scalar(text(f"SELECT count(*) FROM {table}")) == 5
@@ -473,13 +462,13 @@ async def test_the_busy_timeout_bounds_the_wait(file_url: str, models: Models) -
     try:
         async with db.engine.begin() as connection:
             await connection.run_sync(models.metadata.create_all)
-        with write_lock_held(db.config.sync_url) as locked:
+        with held_write_lock(db.config.sync_url.database or "") as locked:
             started = time.monotonic()
             with pytest.raises(exc.OperationalError, match="database is locked"):
                 async with db.begin() as session:
                     session.add(models.Item(name="blocked"))
             waited = time.monotonic() - started
-            locked.release()
+            locked.rollback()
         assert 0.3 <= waited < 3
         assert db.status().checked_out == 0
     finally:
@@ -494,7 +483,7 @@ async def test_pragma_busy_timeout_is_the_drivers(file_url: str) -> None:
             assert await connection.scalar(text("PRAGMA busy_timeout")) == 2500
             assert await connection.scalar(text("PRAGMA busy_timeout = 1234")) == 1234
             assert await connection.scalar(text("pragma main.busy_timeout")) == 1234
-            thread = await _raw_thread(connection)
+            thread = await driver_thread(connection)
             assert thread.busy_timeout == 1.234
             assert await thread.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()) == (
                 1234,  # run() calls are made with SQLite's busy timeout in force...

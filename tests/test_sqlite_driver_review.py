@@ -12,12 +12,10 @@ pysqlite one (``sqlite3``) or a second connection of the same engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,15 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from sessionforge import SessionFactory
-from sessionforge.drivers.sqlite import ConnectionThread
+
+# The driver tests' helpers, and their check that no connection thread outlives a test.
+from .test_sqlite_driver import (
+    driver_thread,
+    held_write_lock,
+    no_thread_left,  # noqa: F401 (an autouse fixture: imported, it applies here)
+    our_threads,
+    runs_until_inline,
+)
 
 
 @pytest.fixture
@@ -62,39 +68,6 @@ def _install_whereami(engine: AsyncEngine) -> None:
             dbapi_connection.create_function("whereami", 0, threading.get_ident)
 
 
-def _our_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "sessionforge-sqlite"]
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left() -> Iterator[None]:
-    before = set(_our_threads())
-    yield
-    gc.collect()
-    for thread in set(_our_threads()) - before:
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "a connection thread outlived its engine"
-
-
-@contextlib.contextmanager
-def held_write_lock(path: Path) -> Iterator[sqlite3.Connection]:
-    """A plain pysqlite connection holding the write lock of ``path`` until rollback()."""
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        yield holder
-    finally:
-        holder.rollback()
-        holder.close()
-
-
-async def driver_thread(connection: AsyncConnection) -> ConnectionThread:
-    raw = await connection.get_raw_connection()
-    thread = raw.driver_connection
-    assert isinstance(thread, ConnectionThread)
-    return thread
-
-
 async def sqlite_own_busy_timeout(connection: AsyncConnection) -> int:
     """SQLite's own busy timeout (ms), read on the connection's thread past the driver."""
     thread = await driver_thread(connection)
@@ -103,18 +76,6 @@ async def sqlite_own_busy_timeout(connection: AsyncConnection) -> int:
     # submit(), not run(): run() calls are made with SQLite's busy timeout in force.
     row = await thread.submit(lambda: sqlite.execute("PRAGMA busy_timeout").fetchone())
     return int(row[0])
-
-
-async def until_inline(connection: AsyncConnection, sql: str, *params: Any) -> int:
-    """Run ``sql`` (whose one value is ``whereami()``) until it ran on the loop's thread.
-
-    Returns how many times it ran. Skips on a machine too busy for any statement to
-    stay under the inline budget (these tests must not pass by accident there).
-    """
-    for runs in range(1, 51):
-        if await connection.scalar(text(sql), *params) == threading.get_ident():
-            return runs
-    pytest.skip("no statement ran inline: this machine is too busy for INLINE_BUDGET")
 
 
 # --- bugs: re-running SQLITE_BUSY where SQLite itself gives up at once --------------
@@ -218,7 +179,7 @@ async def test_a_quoted_pragma_busy_timeout_does_not_block_the_loop(
     async with engine.connect() as connection:
         await connection.exec_driver_sql("PRAGMA busy_timeout = '600'")
         insert = "INSERT INTO t (x, who) VALUES (1, whereami()) RETURNING who"
-        runs = await until_inline(connection, insert)  # timed on the thread, then inline
+        runs = len(await runs_until_inline(connection, insert))  # timed there, then inline
         await connection.commit()
         longest_gap = 0.0
 
@@ -403,7 +364,7 @@ async def test_cancelled_in_the_busy_wait_leaves_pool_and_connection_sound(path:
         for _ in range(2):  # the second time, BEGIN IMMEDIATE + INSERT run inline
             async with db.begin() as session:
                 await session.execute(text("INSERT INTO t VALUES (0)"))
-        threads = len(_our_threads())
+        threads = len(our_threads())
         with held_write_lock(path):
 
             async def blocked() -> None:
@@ -421,7 +382,7 @@ async def test_cancelled_in_the_busy_wait_leaves_pool_and_connection_sound(path:
             await session.execute(text("INSERT INTO t VALUES (2)"))
         async with db() as session:
             assert (await session.scalars(text("SELECT x FROM t ORDER BY x"))).all() == [0, 0, 2]
-        assert len(_our_threads()) == threads
+        assert len(our_threads()) == threads
     finally:
         await db.dispose()
 
