@@ -47,6 +47,7 @@ __all__ = [
     "apply_settings",
     "async_driver_for",
     "begin_statements",
+    "cancel_closes_connection",
     "canonical_dialect",
     "check_isolation_level",
     "check_settings",
@@ -334,6 +335,13 @@ def apply_settings(connection: Connection, settings: tuple[tuple[str, str], ...]
         parameters[f"name_{index}"] = name
         parameters[f"value_{index}"] = value
     connection.execute(text(postgresql.settings_statement(len(settings))), parameters)
+
+
+def cancel_closes_connection(driver_package: str) -> bool:
+    """Whether the async driver of package ``driver_package`` closes its connection when
+    a call is cancelled mid-statement (aiomysql, asyncmy). asyncpg cancels the statement
+    on the server and keeps the connection; aiosqlite's statement runs on in its thread."""
+    return driver_package in mysql.CANCEL_CLOSES_CONNECTION
 
 
 def abandon_driver_connection(url: URL, driver: Any) -> None:

@@ -231,6 +231,11 @@ def _in_transaction(dialect: Any, dbapi_connection: Any) -> bool:
     return bool(status & _SERVER_STATUS_IN_TRANS)
 
 
+#: The async MySQL drivers that close their connection when a call is cancelled
+#: mid-statement (aiomysql: "Cancelled during execution").
+CANCEL_CLOSES_CONNECTION: Final = frozenset({"aiomysql", "asyncmy"})
+
+
 def abandon_driver_connection(driver: Any) -> None:
     """Let go of an aiomysql connection whose event loop is closed, without the loop.
 

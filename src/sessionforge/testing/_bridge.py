@@ -13,8 +13,9 @@ import concurrent.futures
 import inspect
 import threading
 from collections.abc import Coroutine, Generator
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
+from sessionforge import dialects
 from sessionforge._internal import sqla
 
 __all__ = ["HomeLoop", "bridge_driver", "unbridge_driver"]
@@ -35,7 +36,7 @@ class HomeLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
         #: Held by each bridged await of a driver that drops its connection when a call
-        #: is cancelled (``_FINISHES_CANCELLED``): the next call waits for it.
+        #: is cancelled (``dialects.cancel_closes_connection``): the next call waits.
         self.turn: asyncio.Lock | None = None
         self.thread_id: int | None = None
         self._thread = threading.Thread(
@@ -136,7 +137,7 @@ class _Bridge:
         if threading.get_ident() == home.thread_id:
             return self._wrap(await awaitable)
 
-        if self._package not in _FINISHES_CANCELLED:
+        if not dialects.cancel_closes_connection(self._package):
 
             async def in_home() -> Any:
                 return await awaitable
@@ -148,7 +149,11 @@ class _Bridge:
             async with home.turn:
                 return await awaitable
 
-        # Cancelled here (a timeout, a task cancelled), the call still finishes there.
+        # A driver that closes its connection when a call is cancelled mid-statement
+        # would end the isolated block's one connection: cancelled here (a timeout, a
+        # task cancelled), the call runs on to its end there (the statement's own limit,
+        # such as begin(timeout=)'s max_statement_time, ends a long one), and each call
+        # waits for the one before.
         return self._wrap(await asyncio.shield(asyncio.wrap_future(home.submit(in_turn()))))
 
     def _wrap(self, value: Any) -> Any:
@@ -156,14 +161,6 @@ class _Bridge:
             return _Bridge(value, self._home, self._package)
         return value
 
-
-#: Drivers that close their connection when a call is cancelled mid-statement (aiomysql:
-#: "Cancelled during execution"), which would end the isolated block's one connection.
-#: Their cancelled calls run on to the end in the home loop (the statement's own limit,
-#: such as ``begin(timeout=)``'s ``max_statement_time``, ends a long one), and each call
-#: waits for the one before. asyncpg, by contrast, cancels the statement on the server and
-#: keeps the connection.
-_FINISHES_CANCELLED: Final = frozenset({"aiomysql", "asyncmy"})
 
 _BRIDGEABLE: dict[tuple[type, str], bool] = {}
 
