@@ -338,9 +338,16 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
         return cast(_T, util.await_(thread.submit(_with_busy_timeout, thread, fn, args)))
     timings = thread.timings
     known = timings.get(key)
+    if known is None or known > INLINE_BUDGET or not thread.inline or not thread.idle:
+        outcome, elapsed = util.await_(thread.submit(_timed, thread, fn, args))
+        if elapsed is not None:
+            if len(timings) >= _MOST_TIMINGS:
+                timings.clear()  # literal SQL without parameters: do not grow without end
+            timings[key] = elapsed if known is None else known + (elapsed - known) * _SMOOTHING
+        return cast(_T, outcome)
     deadline: float | None = None
     pause = _FIRST_PAUSE
-    while known is not None and known <= INLINE_BUDGET and thread.inline and thread.idle:
+    while True:
         started = time.perf_counter()
         try:
             outcome = fn(*args)
@@ -349,7 +356,7 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
                 raise
             fn, args = _after_busy(thread, fn, args)
             connection = thread.connection
-            if connection is None or connection.in_transaction:
+            if connection is None or connection.in_transaction or not thread.idle:
                 break  # SQLite's own wait, on the thread: it knows when waiting cannot help
             # Outside a transaction (a BEGIN, a statement on its own) waiting is always
             # what SQLite would do: wait here, letting the loop run the lock's holder.
@@ -359,20 +366,12 @@ def _call(thread: ConnectionThread, fn: Callable[..., _T], *args: Any) -> _T:
                 raise
             util.await_(asyncio.sleep(min(pause, deadline - now)))
             pause = min(pause * 2, _LONGEST_PAUSE)
-        else:
-            timings[key] = known + (time.perf_counter() - started - known) * _SMOOTHING
-            # AsyncConnection.execute() refuses a statement that awaited nothing
-            # (AwaitRequired, its test for sync drivers): a no-op await, no loop turn.
-            util.await_(_NOTHING)
-            return outcome
-    else:
-        if deadline is None:
-            outcome, elapsed = util.await_(thread.submit(_timed, thread, fn, args))
-            if elapsed is not None:
-                if len(timings) >= _MOST_TIMINGS:
-                    timings.clear()  # literal SQL without parameters: do not grow without end
-                timings[key] = elapsed if known is None else known + (elapsed - known) * _SMOOTHING
-            return cast(_T, outcome)
+            continue
+        timings[key] = known + (time.perf_counter() - started - known) * _SMOOTHING
+        # AsyncConnection.execute() refuses a statement that awaited nothing
+        # (AwaitRequired, its test for sync drivers): a no-op await, no loop turn.
+        util.await_(_NOTHING)
+        return outcome
     return cast(_T, util.await_(thread.submit(_with_busy_timeout, thread, fn, args)))
 
 
