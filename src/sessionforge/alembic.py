@@ -51,11 +51,11 @@ from typing import Any, Final
 from sqlalchemy import MetaData
 from sqlalchemy.engine import URL, Connection
 
+from . import dialects
 from ._internal.loops import run_on_own_loop
-from ._internal.migrations import MigrationError as MigrationError
 from ._internal.migrations import check_foreign_keys, foreign_keys_off
-from .dialects.sqlite import is_memory_sqlite
 from .errors import ConfigurationError
+from .errors import MigrationError as MigrationError
 from .factory import SessionFactory
 from .sync import SyncSessionFactory
 
@@ -113,7 +113,7 @@ def run_migrations(
     elif isinstance(factory, SyncSessionFactory):
         with factory.engine.connect() as connection:
             _online(connection, target_metadata, configure_options)
-    elif is_memory_sqlite(factory.url):
+    elif dialects.is_memory_sqlite(factory.url):
         with factory.sync.engine.connect() as connection:
             _online(connection, target_metadata, configure_options)
     else:
@@ -127,8 +127,8 @@ async def _online_async(
         await connection.run_sync(_online, target_metadata, options)
 
 
-def _with_defaults(dialect_name: str, options: dict[str, Any]) -> dict[str, Any]:
-    if dialect_name != "sqlite":
+def _with_defaults(url: URL, options: dict[str, Any]) -> dict[str, Any]:
+    if not dialects.is_sqlite(url):
         return options
     return {"render_as_batch": True, "transactional_ddl": True, **options}
 
@@ -136,8 +136,8 @@ def _with_defaults(dialect_name: str, options: dict[str, Any]) -> dict[str, Any]
 def _online(
     connection: Connection, target_metadata: TargetMetadata, options: dict[str, Any]
 ) -> None:
-    options = _with_defaults(connection.dialect.name, options)
-    if connection.dialect.name != "sqlite":
+    options = _with_defaults(connection.engine.url, options)
+    if not dialects.is_sqlite(connection.engine.url):
         context.configure(connection=connection, target_metadata=target_metadata, **options)
         with context.begin_transaction():
             context.run_migrations()
@@ -166,7 +166,7 @@ def _offline(url: URL, target_metadata: TargetMetadata, options: dict[str, Any])
     options = {
         "literal_binds": True,
         "dialect_opts": {"paramstyle": "named"},
-        **_with_defaults(url.get_backend_name(), options),
+        **_with_defaults(url, options),
     }
     context.configure(url=url, target_metadata=target_metadata, **options)
     with context.begin_transaction():

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from sessionforge.errors import MigrationError
 
-__all__ = ["MigrationError", "check_foreign_keys", "foreign_keys_off"]
+__all__ = ["check_foreign_keys", "foreign_keys_off"]
 
 _T = TypeVar("_T")
 

@@ -70,7 +70,6 @@ ERROR_TYPE: Final = "error.type"
 _TIME_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 #: Where a connection's checkout time waits for its checkin (the pool entry's info).
 _CHECKED_OUT: Final = "sessionforge_checked_out"
-_DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
 Attributes = dict[str, str]
 
@@ -83,7 +82,7 @@ def pool_name(url: URL) -> str:
     if isinstance(hosts, tuple):  # several PostgreSQL hosts, every port written out
         where = ",".join(hosts)
     else:
-        port = url.port or _DEFAULT_PORTS.get(url.get_backend_name())
+        port = url.port or dialects.default_port(url)
         where = f"{url.host or 'localhost'}" + ("" if port is None else f":{port}")
     return f"{where}/{url.database or ''}"
 

@@ -53,6 +53,7 @@ __all__ = [
     "check_settings",
     "check_url",
     "default_async_driver",
+    "default_port",
     "display_name",
     "driver_isolation_level",
     "find_driver",
@@ -335,6 +336,15 @@ def apply_settings(connection: Connection, settings: tuple[tuple[str, str], ...]
         parameters[f"name_{index}"] = name
         parameters[f"value_{index}"] = value
     connection.execute(text(postgresql.settings_statement(len(settings))), parameters)
+
+
+def default_port(url: URL) -> int | None:
+    """The port ``url`` connects to when it names none (``None``: no port, SQLite)."""
+    if is_mysql(url):
+        return mysql.DEFAULT_PORT
+    if url.get_backend_name() == "postgresql":
+        return postgresql.DEFAULT_PORT
+    return None
 
 
 def cancel_closes_connection(driver_package: str) -> bool:

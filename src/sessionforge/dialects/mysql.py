@@ -231,6 +231,9 @@ def _in_transaction(dialect: Any, dbapi_connection: Any) -> bool:
     return bool(status & _SERVER_STATUS_IN_TRANS)
 
 
+#: The port a MySQL/MariaDB URL without one connects to.
+DEFAULT_PORT: Final = 3306
+
 #: The async MySQL drivers that close their connection when a call is cancelled
 #: mid-statement (aiomysql: "Cancelled during execution").
 CANCEL_CLOSES_CONNECTION: Final = frozenset({"aiomysql", "asyncmy"})
