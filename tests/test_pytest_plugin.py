@@ -412,3 +412,18 @@ def test_an_alembic_ini_that_is_not_there_is_a_usage_error(pytester: pytest.Pyte
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*sessionforge_alembic_ini = 'nowhere/alembic.ini': no file at*"])
     assert result.ret != 0
+
+
+def test_a_factory_setting_naming_nothing_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+        "sessionforge_factory = myapp:dbb\n"
+    )
+    pytester.makepyfile(myapp="from sessionforge import SessionFactory\ndb = SessionFactory()\n")
+    pytester.makepyfile(test_x="def test_x(sessionforge_db):\n    pass\n")
+    pytester.syspathinsert()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        ["*sessionforge_factory = 'myapp:dbb': module 'myapp' has no attribute 'dbb'*"]
+    )
+    assert result.ret != 0

@@ -35,7 +35,6 @@ using Starlette's ``TestClient``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,9 @@ import pytest
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import Connection, Engine
 
+from ._internal.environment import import_object
 from ._internal.loops import run_on_own_loop
+from .errors import ConfigurationError
 from .factory import SessionFactory
 from .sync import SyncSessionFactory
 from .testing import AsyncIsolation, SyncIsolation, isolated
@@ -107,16 +108,10 @@ def _setting(config: pytest.Config, name: str) -> str | None:
 
 def _resolve(spec: str, setting: str) -> Any:
     """``"package.module:attr.attr"`` → the object."""
-    module_name, _, path = spec.partition(":")
-    if not module_name or not path:
-        raise pytest.UsageError(f"{setting} = {spec!r}: expected module:name, e.g. myapp.db:db")
-    target: Any = importlib.import_module(module_name)
-    for part in path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise pytest.UsageError(f"{setting} = {spec!r}: {module_name} has no {path}") from None
-    return target
+    try:
+        return import_object(spec)
+    except ConfigurationError as exc:
+        raise pytest.UsageError(f"{setting} = {spec!r}: {exc}") from None
 
 
 @pytest.fixture(scope="session")

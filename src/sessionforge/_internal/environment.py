@@ -36,6 +36,7 @@ from .options import Option, may_hold_secret, safe_repr
 __all__ = [
     "PREFIX",
     "RESERVED_PREFIXES",
+    "import_object",
     "naming_variables",
     "read_options",
     "variable_for",
@@ -237,11 +238,19 @@ def _import(raw: str) -> Any:
     module_name, colon, attribute = raw.strip().partition(":")
     if not colon or not module_name or not attribute:
         raise _NotThis
+    return import_object(raw)
+
+
+def import_object(spec: str) -> Any:
+    """``"package.module:attr.attr"`` → the object (also the pytest plugin's settings)."""
+    module_name, colon, attribute = spec.strip().partition(":")
+    if not colon or not module_name or not attribute:
+        raise ConfigurationError(f"{spec.strip()!r}: expected module:attr, e.g. myapp.db:db")
     try:
         found: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(
-            f"could not import module {module_name!r} (from {raw.strip()!r}): {exc}; check "
+            f"could not import module {module_name!r} (from {spec.strip()!r}): {exc}; check "
             "the module's name and that it is importable (on sys.path)"
         ) from exc
     for part in attribute.split("."):
@@ -250,7 +259,7 @@ def _import(raw: str) -> Any:
         except AttributeError:
             raise ConfigurationError(
                 f"module {module_name!r} has no attribute {attribute!r} (from "
-                f"{raw.strip()!r}); name a class or callable as module:attr"
+                f"{spec.strip()!r}); name a class or callable as module:attr"
             ) from None
     return found
 
